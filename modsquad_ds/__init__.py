@@ -1,0 +1,1 @@
+"""Mod-Squad on DeepSpeed."""

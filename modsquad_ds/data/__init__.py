@@ -1,0 +1,1 @@
+"""Taskonomy data: task registry, decoding, transforms and the streaming pipeline."""

@@ -1,0 +1,64 @@
+"""Per-task noisy top-k routing (paper eqs. 2 and 4).
+
+Every MoE layer holds one router per task. Their weights are stacked into ``(num_tasks, D, E)``
+tensors so that all tasks of a task-batched forward route in a single ``bmm``, and so that every
+task's router is touched by every call in the same order (ZeRO-2 corrupts gradients otherwise; see
+the field notes). The gate math runs in float32 whatever the activation dtype: the MI loss takes
+logs of these probabilities.
+
+Parameter names avoid the word "expert": DeepSpeed's checkpointing treats any parameter whose name
+contains it, inside an MoE module, as an expert weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+
+@dataclass
+class RoutingResult:
+    """Routing of ``T`` task slots of ``S`` tokens each to ``E`` experts, ``K`` per token."""
+
+    logits_TSE: torch.Tensor
+    probs_TSE: torch.Tensor
+    """Softmax over all experts (the P(E|x) of the MI loss); not only the top-k."""
+    topk_ids_TSK: torch.Tensor
+    gates_TSK: torch.Tensor
+    """probs at the top-k experts, not renormalised (paper eq. 2, reference code)."""
+
+
+class TaskRouter(nn.Module):
+    def __init__(self, dim: int, num_experts: int, top_k: int, num_tasks: int,
+                 noisy: bool = True, noise_epsilon: float = 1e-2):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.noise_epsilon = noise_epsilon
+        self.task_wg = nn.Parameter(torch.empty(num_tasks, dim, num_experts))
+        self.task_wnoise = nn.Parameter(torch.empty(num_tasks, dim, num_experts)) if noisy else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # As timm initialises the reference code's per-task nn.Linear gates.
+        trunc_normal_(self.task_wg, std=0.02)
+        if self.task_wnoise is not None:
+            trunc_normal_(self.task_wnoise, std=0.02)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.task_wg.shape[0]
+
+    def forward(self, x_TSD: torch.Tensor, task_ids_T: torch.Tensor) -> RoutingResult:
+        x = x_TSD.float()
+        logits = torch.bmm(x, self.task_wg[task_ids_T].float())
+        if self.task_wnoise is not None and self.training:
+            noise_std = F.softplus(torch.bmm(x, self.task_wnoise[task_ids_T].float()))
+            logits = logits + torch.randn_like(logits) * (noise_std + self.noise_epsilon)
+        probs = logits.softmax(dim=-1)
+        gates, topk_ids = probs.topk(self.top_k, dim=-1)
+        return RoutingResult(logits, probs, topk_ids, gates)

@@ -1,0 +1,172 @@
+"""Start (and stop) the process group the DeepSpeed engine runs on, the same way under every launcher.
+
+Order for a trainer (see docs/launchers.md):
+
+    launch = env.resolve()                                    # who am I; no process group yet
+    dims = ParallelDims.from_config(cfg, launch.world_size, ds)  # refuse bad layouts first
+    ctx = init_distributed(launch, timeout_s=..., heartbeat_timeout_s=...)
+    seed_everything(cfg.seed)
+    ... deepspeed.initialize(...); train inside `with fail_fast(ctx.rank, ctx.world_size):` ...
+    shutdown(ctx)
+
+:func:`setup` does the first four for a RunConfig.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from modsquad_ds.dist import env as launch_env
+from modsquad_ds.dist.env import LaunchEnv
+from modsquad_ds.dist.parallel import ParallelDims
+from modsquad_ds.dist.watchdog import Heartbeat
+
+if TYPE_CHECKING:
+    from modsquad_ds.config.schema import RunConfig
+
+log = logging.getLogger(__name__)
+
+BUILD_SHM_ENV = "MODSQUAD_BUILD_SHM_OP"
+"""Set to 1 to let DeepSpeed build its CPU shared-memory op (25-150 s on first use)."""
+
+
+@dataclass
+class DistContext:
+    launch: LaunchEnv
+    backend: str
+    device: torch.device
+    init_seconds: float
+    """Wall time of init_distributed: deepspeed import (if first), rendezvous, DeepSpeed backend."""
+    shm_op_skipped: bool
+    heartbeat: Optional[Heartbeat] = None
+
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.world_size
+
+    @property
+    def local_rank(self) -> int:
+        return self.launch.local_rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.launch.rank == 0
+
+
+def skip_shm_op_build() -> bool:
+    """Make DeepSpeed's TorchBackend skip the CPU shared-memory comm op (``deepspeed_shm_comm``).
+
+    On the CPU accelerator ``TorchBackend.__init__`` JIT-compiles it with ninja: 25-150 s on a cold
+    cache, on every fresh machine or container. Training never uses it (it serves only
+    ``inference_all_reduce``; our collectives go through torch.distributed/gloo), and
+    ``build_shm_op`` returning None is the code path DeepSpeed itself takes where the op is
+    incompatible. The function is patched in ``sys.modules``: the attribute path
+    ``deepspeed.comm.torch`` resolves to the torch package, which ``deepspeed.comm`` re-exports.
+    Returns whether the patch is in place.
+    """
+    if os.environ.get(BUILD_SHM_ENV) == "1":
+        return False
+    import deepspeed.comm  # noqa: F401  (loads deepspeed.comm.torch into sys.modules)
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return False  # the op exists only for the CPU accelerator; leave others untouched
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    return True
+
+
+def init_distributed(launch: Optional[LaunchEnv] = None, *, timeout_s: float = 600.0,
+                     heartbeat_timeout_s: float = 60.0, backend: Optional[str] = None) -> DistContext:
+    """Rendezvous all ranks and create DeepSpeed's communication backend over the same process group.
+
+    A world of one gets a process group too (DeepSpeed's engine and MoE groups require one), on
+    127.0.0.1 and a free port, so the single-process path runs the same code. ``timeout_s`` bounds
+    every collective; ``heartbeat_timeout_s`` (0: off) bounds how long a dead peer goes unnoticed.
+    """
+    t0 = time.perf_counter()
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    launch = launch or launch_env.resolve()
+    launch_env.export(launch)
+    accel = get_accelerator()
+    backend = backend or accel.communication_backend_name()
+    if accel.device_name() == "cuda":
+        torch.cuda.set_device(launch.local_rank)
+        # NCCL never notices a dead peer by itself: tear the process down when the watchdog sees a
+        # timed-out or failed collective instead of leaving it blocked (torch's 1 = TearDown).
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        device = torch.device("cuda", launch.local_rank)
+    else:
+        device = torch.device("cpu")
+    skipped = skip_shm_op_build()
+    timeout = timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        # env:// reads the five variables just exported; under torchrun it joins the agent's store
+        # instead of hosting one on the same port.
+        dist.init_process_group(backend, init_method="env://", rank=launch.rank,
+                                 world_size=launch.world_size, timeout=timeout)
+    # Wraps the group created above (no second rendezvous, no MPI discovery: all five variables
+    # are set) so that deepspeed.comm and deepspeed.initialize use it.
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout,
+                               verbose=False)
+    heartbeat = None
+    if launch.world_size > 1 and heartbeat_timeout_s > 0:
+        heartbeat = Heartbeat.connect(launch.master_addr, launch.master_port, launch.rank,
+                                      launch.world_size, heartbeat_timeout_s).start()
+    ctx = DistContext(launch=launch, backend=backend, device=device,
+                      init_seconds=time.perf_counter() - t0, shm_op_skipped=skipped, heartbeat=heartbeat)
+    log.info("distributed: %s backend=%s init %.1fs (shm op %s)", launch.describe(), backend,
+             ctx.init_seconds, "skipped" if skipped else "built")
+    return ctx
+
+
+def shutdown(ctx: Optional[DistContext]) -> None:
+    """Clean end of a successful run, on every rank: wait for all, stop the heartbeats (so no rank
+    mistakes another's exit for a death), wait again, tear the group down."""
+    if ctx is None or not dist.is_initialized():
+        return
+    if ctx.world_size > 1:
+        dist.barrier()
+    if ctx.heartbeat is not None:
+        ctx.heartbeat.stop()
+    if ctx.world_size > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def seed_everything(seed: int, rank: int = 0, per_rank: bool = False) -> int:
+    """Seed Python, NumPy and torch. The same seed on every rank by default (identical initial
+    weights, identical router noise streams); ``per_rank`` offsets it by the rank, for augmentation.
+    Returns the seed used."""
+    used = seed + rank if per_rank else seed
+    random.seed(used)
+    np.random.seed(used % 2**32)
+    torch.manual_seed(used)
+    return used
+
+
+def setup(cfg: "RunConfig", ds_config: Optional[dict] = None) -> tuple[DistContext, ParallelDims]:
+    """Resolve the launch, validate the layout (ConfigError before any process group starts),
+    initialise the process group and seed. ``ds_config``: the resolved DeepSpeed dict, if any."""
+    launch = launch_env.resolve()
+    dims = ParallelDims.from_config(cfg, launch.world_size, ds_config)
+    ctx = init_distributed(launch, timeout_s=cfg.train.dist_timeout_s,
+                           heartbeat_timeout_s=cfg.train.heartbeat_timeout_s)
+    seed_everything(cfg.seed)
+    return ctx, dims

@@ -1,0 +1,72 @@
+import pytest
+import yaml
+
+from modsquad_ds.config import PRESETS, ConfigError, load_config, save_config, to_dict
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_resolves(preset):
+    cfg = load_config(preset=preset)
+    assert cfg.preset == preset
+    assert cfg.moe.mlp.top_k <= cfg.moe.mlp.num_experts
+
+
+def test_paper_settings_in_presets():
+    small, base = load_config(preset="small"), load_config(preset="base")
+    assert (small.model.embed_dim, small.moe.attn.num_experts, small.moe.attn.top_k) == (384, 15, 6)
+    assert (small.moe.mlp.num_experts, small.moe.mlp.top_k) == (16, 4)
+    assert (base.model.embed_dim, base.moe.attn.num_experts, base.moe.attn.top_k) == (768, 24, 12)
+    # expert hidden size defaults to dense hidden / top-k (paper Sec. 4.1): 4*768/4 = 768
+    assert base.moe.mlp.resolved_dim(base.model.mlp_hidden) == 768
+    assert small.moe.attn.resolved_dim(small.model.embed_dim) == 64
+
+
+def test_yaml_then_overrides_layer_in_order(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("preset: small\nmoe:\n  mlp:\n    top_k: 2\nloss:\n  w_mi: 0.005\n")
+    cfg = load_config([run], ["moe.mlp.top_k=3", "tasks.names=[normal, class_scene]"])
+    assert cfg.preset == "small" and cfg.model.embed_dim == 384
+    assert cfg.moe.mlp.top_k == 3 and cfg.loss.w_mi == 0.005
+    assert cfg.tasks.names == ["normal", "class_scene"]
+
+
+def test_int_is_accepted_for_float_and_saved_config_round_trips(tmp_path):
+    cfg = load_config(overrides=["loss.w_mi=1", "model.pretrained=/tmp/x.pth"])
+    assert cfg.loss.w_mi == 1.0 and isinstance(cfg.loss.w_mi, float)
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config([tmp_path / "resolved.yaml"])
+    assert to_dict(again) == to_dict(cfg)
+    assert yaml.safe_load((tmp_path / "resolved.yaml").read_text())["preset"] == "tiny"
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("moe.mlp.topk=3", "moe.mlp.topk", "unknown key"),
+    ("moe.mlp.top_k=30", "moe.mlp.top_k", "num_experts"),
+    ("moe.attn.top_k=0", "moe.attn.top_k", ">= 1"),
+    ("model.img_size=33", "model.img_size", "multiple of model.patch_size"),
+    ("model.depth=two", "model.depth", "integer"),
+    ("moe.router_noise=1", "moe.router_noise", "true or false"),
+    ("moe.placement=sometimes", "moe.placement", "alternate"),
+    ("loss.aux=entropy", "loss.aux", "mi"),
+    ("loss.task_weights={depth: 1.0}", "loss.task_weights.depth", "tasks.names"),
+    ("tasks.names=[normal, depth]", "tasks.names[1]", "unknown task 'depth'"),
+    ("moe.first_block=9", "moe.first_block", "model.depth"),
+    ("preset=huge", "preset", "unknown preset"),
+    ("data.batch_size=0", "data.batch_size", ">= 1"),
+    ("nonsense", "nonsense", "section.key=value"),
+])
+def test_bad_values_name_the_key(override, key, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert err.value.key == key
+    assert words in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_yaml_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config([tmp_path / "missing.yaml"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config([bad])

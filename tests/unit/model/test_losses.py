@@ -1,0 +1,101 @@
+"""Per-task losses, task weighting and the objective against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from modsquad_ds.config import load_config
+from modsquad_ds.model.objective import MultiTaskObjective
+from modsquad_ds.model.output import ModelOutput
+from modsquad_ds.model.task_losses import (cosine_loss, l1_loss, l2_loss, pixel_cross_entropy,
+                                           soft_cross_entropy)
+from modsquad_ds.model.weighting import FixedWeighting, UncertaintyWeighting
+from modsquad_ds.moe.losses import mutual_information
+from modsquad_ds.moe.stats import RoutingStats
+
+
+def test_l1_and_l2_average_over_valid_pixels_only():
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    target = torch.tensor([[[[0.0, 0.0], [0.0, 100.0]]]])
+    mask = torch.tensor([[[[True, True], [True, False]]]])
+    assert l1_loss(pred, target, mask).item() == pytest.approx((1 + 2 + 3) / 3)
+    assert l2_loss(pred, target, mask).item() == pytest.approx((1 + 4 + 9) / 3)
+    assert l1_loss(pred, target).item() == pytest.approx((1 + 2 + 3 + 96) / 4)
+    nothing_valid = torch.zeros_like(mask)
+    assert l1_loss(pred, target, nothing_valid).item() == 0.0
+
+
+def test_cosine_loss_is_one_minus_cosine_of_normalised_vectors():
+    pred = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1).repeat(1, 1, 1, 2)
+    pred[0, :, 0, 1] = torch.tensor([2.0, 2.0, 0.0])  # 45 degrees, length does not matter
+    target = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1).repeat(1, 1, 1, 2)
+    expected = (0.0 + (1 - math.cos(math.pi / 4))) / 2
+    assert cosine_loss(pred, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_soft_cross_entropy_with_a_one_hot_target_is_nll():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    target = torch.tensor([[0.0, 1.0, 0.0]])
+    expected = -(0.0 - math.log(math.exp(2) + 1 + math.exp(-1)))
+    assert soft_cross_entropy(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    soft = torch.tensor([[0.5, 0.5, 0.0]])
+    assert soft_cross_entropy(logits, soft).item() == pytest.approx(
+        -0.5 * (torch.log_softmax(logits, -1)[0, 0] + torch.log_softmax(logits, -1)[0, 1]).item())
+
+
+def test_pixel_cross_entropy_masks_uncertain_pixels():
+    logits = torch.zeros(1, 4, 1, 2)
+    logits[0, 2, 0, 0] = 10.0
+    target = torch.tensor([[[2, 3]]])
+    mask = torch.tensor([[[[True, False]]]])
+    expected = -math.log(math.exp(10) / (math.exp(10) + 3))
+    assert pixel_cross_entropy(logits, target, mask).item() == pytest.approx(expected, rel=1e-3)  # fp32
+
+
+def test_uncertainty_weighting_formula():
+    w = UncertaintyWeighting(["a", "b"])
+    with torch.no_grad():
+        w.log_vars.copy_(torch.tensor([0.0, math.log(4.0)]))
+    total = w({"a": torch.tensor(2.0), "b": torch.tensor(8.0)})
+    # 0.5/sigma^2 * L + log(1 + sigma^2): a: 0.5*2 + log 2; b: 0.5/4*8 + log 5
+    assert total.item() == pytest.approx(1 + math.log(2) + 1 + math.log(5), rel=1e-6)
+    fixed = FixedWeighting(["a", "b"], {"b": 0.5})
+    assert fixed({"a": torch.tensor(2.0), "b": torch.tensor(8.0)}).item() == pytest.approx(6.0)
+
+
+def _routing(table):
+    return RoutingStats("blocks.1.mlp", "mlp", table, table.detach(), table.sum(1).detach(), 1)
+
+
+def test_objective_subtracts_weighted_mi_and_uses_reduced_tables():
+    cfg = load_config(overrides=["tasks.names=[edge_texture]", "loss.task_weighting=fixed", "loss.w_mi=0.5"])
+    objective = MultiTaskObjective(cfg)
+    table = torch.tensor([[3.0, 1.0]], requires_grad=True)
+    out = ModelOutput({"edge_texture": torch.ones(1, 1, 2, 2)}, [_routing(table)])
+    batch = {"targets": {"edge_texture": torch.zeros(1, 1, 2, 2)}}
+    other = torch.tensor([[1.0, 3.0]])  # what the other ranks saw
+    loss, stats = objective(out, batch, reduce_table=lambda t: t + other)
+    expected_mi = mutual_information(torch.tensor([[3.0, 1.0]]) + other)  # one task: MI = 0
+    assert loss.item() == pytest.approx(1.0 - 0.5 * expected_mi.item())
+    assert stats["loss/edge_texture"].item() == pytest.approx(1.0)
+
+    two_tasks = load_config(overrides=["tasks.names=[edge_texture, normal]", "loss.task_weighting=fixed",
+                                       "loss.w_mi=0.5"])
+    table = torch.tensor([[4.0, 1.0], [1.0, 4.0]])
+    out = ModelOutput({}, [_routing(table)])
+    loss, stats = MultiTaskObjective(two_tasks)(out, {"targets": {}})
+    assert loss.item() == pytest.approx(-0.5 * mutual_information(table).item())
+    assert stats["mi/blocks.1.mlp"].item() == pytest.approx(mutual_information(table).item())
+
+
+def test_balance_and_none_aux_modes():
+    table = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    out = ModelOutput({}, [_routing(table)])
+    balance = load_config(overrides=["tasks.names=[edge_texture, normal]", "loss.aux=balance",
+                                     "loss.w_balance=0.1"])
+    loss, stats = MultiTaskObjective(balance)(out, {"targets": {}})
+    assert loss.item() == pytest.approx(0.1 * 2.0)  # all tokens on one of 2 experts: E * 1 * 1
+    none = load_config(overrides=["tasks.names=[edge_texture, normal]", "loss.aux=none"])
+    loss, stats = MultiTaskObjective(none)(out, {"targets": {}})
+    assert loss.item() == 0.0 and not any(k.startswith(("mi/", "balance/")) for k in stats)

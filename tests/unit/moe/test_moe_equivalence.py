@@ -1,0 +1,88 @@
+"""The production MoE layers equal the slow reference (paper eq. 1 written literally): outputs and
+gradients, for random inputs and every setting."""
+
+import itertools
+
+import pytest
+import torch
+
+from modsquad_ds.moe import MoEAttention, MoEMlp
+from modsquad_ds.moe.reference import reference_moe_attention, reference_moe_mlp, reference_route
+
+SETTINGS = list(itertools.product(
+    [(4, 1), (6, 2), (5, 5)],          # (num_experts, top_k), including top_k == num_experts
+    [torch.tensor([0, 1, 2]), torch.tensor([2]), torch.tensor([1, 1])],  # all tasks, one, repeated
+    [False, True],                     # router noise (seeded identically for both paths)
+))
+
+
+def _layer(kind, num_experts, top_k, noisy):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        return MoEMlp(12, 20, num_experts, top_k, num_tasks=3, noisy=noisy), reference_moe_mlp
+    return MoEAttention(12, 6, num_experts, top_k, num_tasks=3, noisy=noisy), reference_moe_attention
+
+
+def _grads(output, inputs, params, weight):
+    return torch.autograd.grad((output * weight).sum(), [inputs, *params])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "attn"])
+@pytest.mark.parametrize("experts_k, task_ids, noisy", SETTINGS)
+def test_fast_layer_matches_reference(kind, experts_k, task_ids, noisy):
+    layer, reference = _layer(kind, *experts_k, noisy)
+    layer.train()
+    x = torch.randn(len(task_ids), 2, 7, 12, requires_grad=True)
+    torch.manual_seed(1)
+    y, stats = layer(x, task_ids)
+    torch.manual_seed(1)
+    y_ref = reference(layer, x, task_ids)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+
+    weight = torch.randn_like(y)
+    params = list(layer.parameters())
+    for fast, slow in zip(_grads(y, x, params, weight), _grads(y_ref, x, params, weight)):
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+def test_router_matches_per_task_reference_and_noise_is_training_only():
+    torch.manual_seed(0)
+    layer = MoEMlp(8, 16, 6, 2, num_tasks=4, noisy=True)
+    x = torch.randn(3, 10, 8)
+    task_ids = torch.tensor([3, 0, 2])
+    torch.manual_seed(5)
+    fast = layer.router(x, task_ids)
+    torch.manual_seed(5)
+    slow = reference_route(layer.router, x, task_ids)
+    for a, b in zip((fast.probs_TSE, fast.gates_TSK), (slow.probs_TSE, slow.gates_TSK)):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(fast.topk_ids_TSK, slow.topk_ids_TSK)
+    # gates are the softmax probabilities at the chosen experts, not renormalised
+    torch.testing.assert_close(fast.gates_TSK, fast.probs_TSE.gather(-1, fast.topk_ids_TSK))
+    assert (fast.gates_TSK.sum(-1) < 1.0).all()
+
+    layer.eval()
+    a, b = layer.router(x, task_ids), layer.router(x, task_ids)
+    assert torch.equal(a.logits_TSE, b.logits_TSE), "eval routing must be deterministic (no noise)"
+    expected = torch.stack([x[i] @ layer.router.task_wg[t] for i, t in enumerate(task_ids.tolist())])
+    torch.testing.assert_close(a.logits_TSE, expected)
+
+
+def test_routing_stats_tables_are_per_global_task():
+    torch.manual_seed(0)
+    layer = MoEMlp(8, 16, 5, 2, num_tasks=4, noisy=False)
+    x = torch.randn(2, 3, 4, 8)
+    _, stats = layer(x, torch.tensor([3, 1]))
+    assert stats.prob_table_TE.shape == (4, 5)
+    # each token's probabilities sum to 1, so each present task's row sums to its token count
+    torch.testing.assert_close(stats.prob_table_TE.sum(1), torch.tensor([0.0, 12.0, 0.0, 12.0]))
+    torch.testing.assert_close(stats.count_table_TE.sum(1), torch.tensor([0.0, 24.0, 0.0, 24.0]))
+    torch.testing.assert_close(stats.tokens_T, torch.tensor([0.0, 12.0, 0.0, 12.0]))
+    assert stats.prob_table_TE.requires_grad and not stats.count_table_TE.requires_grad
+
+
+def test_no_router_parameter_is_named_expert():
+    """DeepSpeed's checkpointing treats names containing 'expert' inside an MoE module as experts."""
+    layer = MoEMlp(8, 16, 4, 2, num_tasks=2)
+    names = [n for n, _ in layer.named_parameters() if n.startswith("router")]
+    assert names and not any("expert" in n for n in names)

@@ -1,0 +1,127 @@
+"""Entry points the trainer calls: one rank's batches for one epoch, from either source.
+
+    loader = build_train_loader(cfg, rank, world_size, epoch, start_batch)
+    for batch in loader: ...            # len(loader) batches, the same number on every rank
+    loader.batches_per_epoch            # N: save (epoch, batches_consumed) to resume
+    loader.corrupt_report()             # {shard: {reason: count}} seen so far
+
+Workers are not persistent: each epoch (and each resume) builds a fresh loader, which is what
+makes the epoch plan, the shuffle seeds and the skip deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from modsquad_ds.data.corrupt import CorruptCounter
+from modsquad_ds.data.plan import batches_per_rank
+from modsquad_ds.data.raw_reader import RankBatchSampler, RawFolderDataset, collate_with_events, split_buildings
+from modsquad_ds.data.sample import SampleProcessor
+from modsquad_ds.data.shard_index import index_path, load_index
+from modsquad_ds.data.wds_pipeline import ShardStream
+
+log = logging.getLogger("modsquad_ds.data")
+
+
+class EpochLoader:
+    """Iterates a DataLoader's batches, strips the corrupt-sample events and counts them."""
+
+    def __init__(self, dataloader: DataLoader, batches_per_epoch: int, start_batch: int,
+                 max_corrupt: int, rank: int):
+        self.dataloader = dataloader
+        self.batches_per_epoch = batches_per_epoch
+        self.start_batch = start_batch
+        self.counter = CorruptCounter(max_corrupt, f" on rank {rank} this epoch")
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch
+
+    def __iter__(self):
+        for batch in self.dataloader:
+            for shard, key, reason, detail in batch.pop("_corrupt", ()):
+                self.counter.add(shard, key, reason, detail)
+            yield batch
+        if self.counter.total:
+            log.warning("corrupt samples skipped this epoch: %s", self.counter.report())
+
+    def corrupt_report(self) -> dict[str, dict[str, int]]:
+        return self.counter.report()
+
+
+def _processor(cfg, epoch: int, train: bool) -> SampleProcessor:
+    d = cfg.data
+    keep = {}
+    if d.class_object_keep is not None:
+        keep["class_object"] = tuple(d.class_object_keep)
+    if d.class_scene_keep is not None:
+        keep["class_scene"] = tuple(d.class_scene_keep)
+    return SampleProcessor(list(cfg.tasks.names), cfg.model.img_size, seed=_seed(cfg), epoch=epoch,
+                           hflip=train and d.hflip, class_keep=keep)
+
+
+def _seed(cfg) -> int:
+    return cfg.data.seed if cfg.data.seed is not None else cfg.seed
+
+
+def _dataloader(dataset, cfg, **kw) -> DataLoader:
+    w = cfg.data.workers
+    return DataLoader(dataset, num_workers=w, prefetch_factor=cfg.data.prefetch_factor if w else None,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(), **kw)
+
+
+def _check_start(start_batch: int, n: int) -> None:
+    if not 0 <= start_batch <= n:
+        raise ValueError(f"start_batch {start_batch} is outside [0, {n}] (batches per epoch)")
+
+
+def build_shard_loader(cfg, split: str, rank: int, world_size: int, epoch: int, start_batch: int = 0,
+                       train: bool = True) -> EpochLoader:
+    d = cfg.data
+    index = load_index(index_path(d.source_path(), split))
+    missing = [x for x in _processor(cfg, epoch, False).domains if x not in index.domains]
+    if missing:
+        raise ValueError(f"{index.path}: shards lack domains {missing} needed by tasks.names")
+    shards = index.shards
+    n = batches_per_rank(min(index.num_samples, d.samples_per_epoch or index.num_samples), world_size,
+                         d.batch_size)
+    _check_start(start_batch, n)
+    stream = ShardStream(shards, _processor(cfg, epoch, train), seed=_seed(cfg), epoch=epoch, rank=rank,
+                         world_size=world_size, batch_size=d.batch_size, num_workers=d.workers,
+                         start_batch=start_batch, shuffle_buffer=d.shuffle_buffer if train else 0,
+                         max_corrupt=d.max_corrupt, cap=d.samples_per_epoch)
+    return EpochLoader(_dataloader(stream, cfg, batch_size=None), n, start_batch, d.max_corrupt, rank)
+
+
+def build_raw_loader(cfg, split: str, rank: int, world_size: int, epoch: int, start_batch: int = 0,
+                     train: bool = True, dataset: RawFolderDataset | None = None) -> EpochLoader:
+    """``dataset`` may be passed in to reuse one folder scan across epochs."""
+    d = cfg.data
+    proc = _processor(cfg, epoch, train)
+    if dataset is None:
+        dataset = RawFolderDataset(Path(d.raw_root or d.source_path()), proc,
+                                   split_buildings(d.split_csv, split))
+    else:
+        dataset.processor = proc
+    sampler = RankBatchSampler(len(dataset), seed=_seed(cfg), epoch=epoch, rank=rank, world_size=world_size,
+                               batch_size=d.batch_size, start_batch=start_batch, shuffle=train,
+                               cap=d.samples_per_epoch)
+    _check_start(start_batch, sampler.n_batches)
+    dl = _dataloader(dataset, cfg, batch_sampler=sampler, collate_fn=collate_with_events)
+    return EpochLoader(dl, sampler.n_batches, start_batch, d.max_corrupt, rank)
+
+
+def build_train_loader(cfg, rank: int, world_size: int, epoch: int, start_batch: int = 0) -> EpochLoader:
+    """Training batches of ``data.train_split`` from the configured source."""
+    build = build_shard_loader if cfg.data.source == "shards" else build_raw_loader
+    return build(cfg, cfg.data.train_split, rank, world_size, epoch, start_batch, train=True)
+
+
+def build_eval_loader(cfg, rank: int, world_size: int, split: str | None = None) -> EpochLoader:
+    """Evaluation batches (no flip, no sample shuffle); equal counts per rank, so the last
+    ``< world_size * batch_size`` samples of the permuted split are left out."""
+    build = build_shard_loader if cfg.data.source == "shards" else build_raw_loader
+    return build(cfg, split or cfg.data.val_split, rank, world_size, 0, 0, train=False)

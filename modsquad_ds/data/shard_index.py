@@ -1,0 +1,82 @@
+"""The per-split shard index written by ``data_tools.make_shards`` and read by the loader.
+
+``{out}/{split}.index.json``::
+
+    {"format": "modsquad-taskonomy-shards", "version": 1, "split": "train",
+     "domains": [...], "seed": 0, "num_samples": T,
+     "shards": [{"name": "train-000000.tar", "samples": 512, "bytes": ..., "sha256": "..."}, ...],
+     "summary": {...what the scan could not use...}}
+
+Shard names are relative to the index file's folder. The loader plans epochs from the sample
+counts alone (no shard is opened to count), which is what makes equal batches per rank possible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT = "modsquad-taskonomy-shards"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    samples: int
+    bytes: int = 0
+    sha256: str = ""
+    path: str = ""
+    """Absolute path, filled in when the index is loaded."""
+
+
+@dataclass
+class ShardIndex:
+    split: str
+    domains: list[str]
+    shards: list[ShardInfo]
+    path: Path
+    seed: int = 0
+    summary: dict | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+
+def index_path(out_dir: str | Path, split: str) -> Path:
+    return Path(out_dir) / f"{split}.index.json"
+
+
+def write_index(path: str | Path, split: str, domains: list[str], shards: list[dict], seed: int,
+                summary: dict | None = None) -> Path:
+    """Atomically write the index (several array jobs may race to write the same content)."""
+    path = Path(path)
+    doc = {"format": FORMAT, "version": VERSION, "split": split, "domains": list(domains),
+           "seed": seed, "num_samples": sum(s["samples"] for s in shards),
+           "shards": [{k: s[k] for k in ("name", "samples", "bytes", "sha256")} for s in shards],
+           "summary": summary or {}}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def load_index(path: str | Path) -> ShardIndex:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"shard index not found: {path} (write it with python -m data_tools.make_shards)")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if doc.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} index (format={doc.get('format')!r})")
+    if doc.get("version") != VERSION:
+        raise ValueError(f"{path}: index version {doc.get('version')} is not supported (expected {VERSION})")
+    base = path.parent
+    shards = [ShardInfo(s["name"], int(s["samples"]), int(s.get("bytes", 0)), s.get("sha256", ""),
+                        str((base / s["name"]).resolve())) for s in doc["shards"]]
+    return ShardIndex(doc["split"], doc["domains"], shards, path, doc.get("seed", 0), doc.get("summary"))

@@ -1,0 +1,147 @@
+"""Convert a raw Taskonomy release folder into WebDataset tar shards plus a per-split index.
+
+Input:  {root}/{domain}/taskonomy/{building}/point_{p}_view_{v}_domain_{domain}.{png,npy}
+        and a split CSV (id,train,val,test; bare-CR line endings as in the release).
+Output: {out}/{split}-000000.tar ...   one sample per key {building}__point_{p}_view_{v}, members
+                                       {key}.{domain}.{ext}, copied byte for byte (16-bit stays 16-bit)
+        {out}/{split}-000000.tar.json  sidecar: samples, bytes, sha256 (written when the shard is done)
+        {out}/{split}.index.json       shard names, counts, sizes, checksums, the scan summary
+        {out}/{split}.summary.json     missing domains, excluded buildings, unreadable files
+
+Samples are paired by (building, point, view), shuffled with --seed across all buildings, and cut
+into shards of --samples-per-shard (or of about --shard-size-mb). Finished shards are never rewritten,
+so rerunning the same command resumes. Split the work over machines with a Slurm array:
+
+    #SBATCH --array=0-31
+    python -m data_tools.make_shards --root /data/taskonomy --split-csv splits/train_val_test_full.csv \
+        --split train --out /data/shards --job-index $SLURM_ARRAY_TASK_ID --num-jobs $SLURM_ARRAY_TASK_COUNT
+
+The job that finishes last writes the index (any job can also write it later with --index-only).
+Check the result with: python -m data_tools.verify_shards --index /data/shards/train.index.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from multiprocessing import Pool
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tqdm import tqdm  # noqa: E402
+
+from data_tools.sharding import is_finished, make_plan, try_write_index, write_shard  # noqa: E402
+from modsquad_ds.config.schema import PAPER_TASKS  # noqa: E402
+from modsquad_ds.data.layout import read_split_csv  # noqa: E402
+from modsquad_ds.data.sample import needed_domains  # noqa: E402
+
+DEFAULT_DOMAINS = needed_domains(PAPER_TASKS)
+
+
+def parse_range(text: str, n: int) -> range:
+    try:
+        a, b = text.split(":")
+        lo, hi = int(a or 0), int(b) if b else n
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard-range {text!r} must look like START:END") from None
+    return range(max(0, lo), min(n, hi))
+
+
+def job_range(n: int, job_index: int, num_jobs: int) -> range:
+    """Contiguous block of shards for job ``job_index`` of ``num_jobs`` (sizes differ by at most 1)."""
+    lo = n * job_index // num_jobs
+    hi = n * (job_index + 1) // num_jobs
+    return range(lo, hi)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m data_tools.make_shards", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", required=True, help="raw release root (holds one folder per domain)")
+    ap.add_argument("--out", required=True, help="output folder for shards, sidecars and the index")
+    ap.add_argument("--split-csv", help="release split CSV; omit to shard every building on disk")
+    ap.add_argument("--split", default="train", help="split column of the CSV to shard (default train); "
+                    "also the shard name prefix")
+    ap.add_argument("--domains", nargs="+", default=DEFAULT_DOMAINS,
+                    help="domains to pack (default: rgb, depth_zbuffer and the paper's 13 task domains)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sample order (default 0)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--samples-per-shard", type=int, help="samples per shard (exact)")
+    size.add_argument("--shard-size-mb", type=float, default=1024.0,
+                      help="target shard size in MB, estimated from 64 samples' file sizes (default 1024)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel writer processes")
+    ap.add_argument("--job-index", type=int, default=0, help="this job's index in an array (0-based)")
+    ap.add_argument("--num-jobs", type=int, default=1, help="number of jobs sharing the work")
+    ap.add_argument("--shard-range", help="explicit shard range START:END (overrides --job-index)")
+    ap.add_argument("--index-only", action="store_true", help="write nothing but the index (all shards done)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not Path(args.root).is_dir():
+        ap.error(f"--root {args.root}: no such folder")
+    if not 0 <= args.job_index < args.num_jobs:
+        ap.error(f"--job-index {args.job_index} must be in [0, --num-jobs={args.num_jobs})")
+    if args.samples_per_shard is not None and args.samples_per_shard < 1:
+        ap.error("--samples-per-shard must be >= 1")
+    buildings = None
+    if args.split_csv:
+        try:
+            splits = read_split_csv(args.split_csv)
+        except (OSError, ValueError) as err:
+            ap.error(f"--split-csv: {err}")
+        if args.split not in splits:
+            ap.error(f"--split {args.split!r} is not a column of {args.split_csv} ({', '.join(splits)})")
+        buildings = splits[args.split]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(args.root, out, args.split, list(args.domains), buildings, args.seed,
+                     args.samples_per_shard, int(args.shard_size_mb * 1e6))
+    s = plan.summary
+    print(f"[{args.split}] {s['complete_samples']} complete samples -> {len(plan.shards)} shards of "
+          f"{plan.samples_per_shard}; incomplete {s['incomplete_samples']} {s['missing_files_per_domain']}; "
+          f"missing domain folders {s['missing_domain_dirs']}; excluded buildings {s['excluded_buildings']}; "
+          f"buildings in the CSV but not on disk {s['absent_buildings']}")
+    (out / f"{args.split}.summary.json").write_text(json.dumps(s, indent=1))
+    if not plan.shards:
+        print("nothing to write: no complete sample (see the summary above)", file=sys.stderr)
+        return 1
+    if not args.index_only:
+        mine = (parse_range(args.shard_range, len(plan.shards)) if args.shard_range
+                else job_range(len(plan.shards), args.job_index, args.num_jobs))
+        todo = [plan.shards[i] for i in mine if not is_finished(out, plan.shards[i].name)]
+        print(f"[{args.split}] shards {mine.start}..{mine.stop - 1}: {len(mine) - len(todo)} already done, "
+              f"{len(todo)} to write")
+        bar = tqdm(total=len(todo), unit="shard", desc=f"{args.split} shards", disable=args.no_progress)
+        skipped = 0
+        if args.workers > 1 and len(todo) > 1:
+            with Pool(min(args.workers, len(todo))) as pool:
+                for side in pool.imap_unordered(write_shard, todo):
+                    skipped += len(side["skipped"])
+                    bar.update()
+        else:
+            for job in todo:
+                skipped += len(write_shard(job)["skipped"])
+                bar.update()
+        bar.close()
+        if skipped:
+            print(f"[{args.split}] {skipped} samples had unreadable files and were left out "
+                  "(listed in the shard sidecars and the index summary)")
+    index = try_write_index(plan, out)
+    if index is None:
+        left = sum(not is_finished(out, j.name) for j in plan.shards)
+        print(f"[{args.split}] {left} shards of other jobs not finished yet; the last job writes the index")
+    else:
+        print(f"[{args.split}] index written: {index}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""mini-Taskonomy: procedurally rendered indoor scenes written in the exact release layout."""

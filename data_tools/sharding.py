@@ -1,0 +1,175 @@
+"""Raw release -> WebDataset tar shards: the plan, the writer, the index.
+
+The plan is a pure function of (scan of the release, split, domains, seed, samples per shard):
+every job of a Slurm array computes the same plan and writes only its own range of shards. A shard
+is written to a temporary name and renamed when complete, then a small sidecar
+``{shard}.json`` records its count, size and sha256: a shard with a sidecar is finished and is
+never rewritten, which is what makes interrupted runs resumable. When every shard of the split has
+its sidecar, ``{split}.index.json`` is assembled from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from modsquad_ds.data.layout import domain_ext, scan_release
+from modsquad_ds.data.shard_index import index_path, write_index
+
+_MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "npy": b"\x93NUMPY"}
+
+
+@dataclass
+class ShardJob:
+    split: str
+    number: int
+    name: str
+    out_dir: str
+    samples: list[tuple[str, dict[str, str]]]
+    """(key, {domain: source path}) in shard order."""
+    plan_hash: str
+
+
+@dataclass
+class Plan:
+    split: str
+    domains: list[str]
+    seed: int
+    samples_per_shard: int
+    shards: list[ShardJob]
+    summary: dict
+    plan_hash: str
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
+def estimate_samples_per_shard(samples: list[dict[str, Path]], target_bytes: int, seed: int) -> int:
+    """Samples per shard that gives ~``target_bytes`` shards, from the sizes of a seeded subset."""
+    pick = random.Random(seed).sample(samples, min(64, len(samples)))
+    avg = sum(sum(os.stat(p).st_size for p in files.values()) for files in pick) / max(1, len(pick))
+    return max(1, int(round(target_bytes / max(avg, 1.0))))
+
+
+def make_plan(root: str | Path, out_dir: str | Path, split: str, domains: list[str],
+              buildings: list[str] | None, seed: int, samples_per_shard: int | None = None,
+              shard_bytes: int = 1 << 30) -> Plan:
+    scan = scan_release(root, domains, buildings)
+    ids = sorted(scan.samples)  # sorted first, so the shuffle does not depend on listing order
+    random.Random(f"make_shards:{seed}").shuffle(ids)  # mixes buildings across all shards
+    if samples_per_shard is None:
+        samples_per_shard = estimate_samples_per_shard([scan.samples[i] for i in ids], shard_bytes, seed) if ids else 1
+    plan_hash = hashlib.sha256(json.dumps([split, domains, seed, samples_per_shard, [i.key for i in ids]])
+                               .encode()).hexdigest()[:16]
+    shards = []
+    for n, start in enumerate(range(0, len(ids), samples_per_shard)):
+        chunk = ids[start:start + samples_per_shard]
+        shards.append(ShardJob(split, n, shard_name(split, n), str(out_dir),
+                               [(i.key, {d: str(scan.samples[i][d]) for d in domains}) for i in chunk],
+                               plan_hash))
+    return Plan(split, domains, seed, samples_per_shard, shards, scan.summary(), plan_hash)
+
+
+class _HashingFile:
+    """A write-only file wrapper that hashes and counts what passes through."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b):
+        self.sha.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+    def tell(self):
+        return self.n
+
+
+def _member(name: str, data: bytes) -> tarfile.TarInfo:
+    # Fixed metadata: the same plan writes byte-identical shards (stable checksums across reruns).
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+    info.uname = info.gname = ""
+    return info
+
+
+def sidecar_path(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}.json"
+
+
+def is_finished(out_dir: str | Path, name: str) -> bool:
+    side, tar = sidecar_path(out_dir, name), Path(out_dir) / name
+    if not (side.is_file() and tar.is_file()):
+        return False
+    try:
+        return json.loads(side.read_text())["bytes"] == tar.stat().st_size
+    except (ValueError, KeyError, OSError):
+        return False
+
+
+def write_shard(job: ShardJob) -> dict:
+    """Write one shard (copying domain files byte for byte) and its sidecar; returns the sidecar."""
+    out = Path(job.out_dir)
+    final = out / job.name
+    tmp = out / f".{job.name}.{os.getpid()}.tmp"
+    skipped = []
+    count = 0
+    with open(tmp, "wb") as raw:
+        hf = _HashingFile(raw)
+        with tarfile.open(fileobj=hf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+            for key, files in job.samples:
+                blobs, problem = {}, None
+                for domain in sorted(files):
+                    path = files[domain]
+                    try:
+                        data = Path(path).read_bytes()
+                    except OSError as err:
+                        problem = f"unreadable {path}: {err.strerror or err}"
+                        break
+                    if not data.startswith(_MAGIC[domain_ext(domain)]):
+                        problem = f"not a valid .{domain_ext(domain)} file: {path}"
+                        break
+                    blobs[domain] = data
+                if problem:
+                    skipped.append({"key": key, "reason": problem})
+                    continue
+                for domain, data in blobs.items():
+                    tf.addfile(_member(f"{key}.{domain}.{domain_ext(domain)}", data), io.BytesIO(data))
+                count += 1
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp, final)
+    side = {"name": job.name, "samples": count, "bytes": final.stat().st_size, "sha256": hf.sha.hexdigest(),
+            "plan": job.plan_hash, "skipped": skipped}
+    stmp = sidecar_path(out, f".{job.name}.{os.getpid()}")
+    stmp.write_text(json.dumps(side))
+    os.replace(stmp, sidecar_path(out, job.name))
+    return side
+
+
+def try_write_index(plan: Plan, out_dir: str | Path) -> Path | None:
+    """Assemble ``{split}.index.json`` if every shard of the plan is finished; else None."""
+    sides = []
+    for job in plan.shards:
+        if not is_finished(out_dir, job.name):
+            return None
+        side = json.loads(sidecar_path(out_dir, job.name).read_text())
+        if side.get("plan") != plan.plan_hash:
+            raise RuntimeError(f"{job.name} was written by a different plan ({side.get('plan')} != "
+                               f"{plan.plan_hash}): the release or the options changed; delete {out_dir} "
+                               "or use the original options")
+        sides.append(side)
+    skipped = [s for side in sides for s in side["skipped"]]
+    summary = dict(plan.summary, unreadable_samples=len(skipped), unreadable_examples=skipped[:10],
+                   samples_per_shard=plan.samples_per_shard)
+    return write_index(index_path(out_dir, plan.split), plan.split, plan.domains,
+                       [s for s in sides if s["samples"] > 0], plan.seed, summary)
+
+

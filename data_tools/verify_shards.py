@@ -1,0 +1,119 @@
+"""Check WebDataset shards against their index: existence, size, sha256, sample counts, domains.
+
+    python -m data_tools.verify_shards --index /data/shards/train.index.json [--decode] [--workers 8]
+
+--decode also decodes every member with the loader's own decoders (PNG via PIL keeping 16 bits,
+NPY without pickle) and checks that a sample's maps share one resolution. Exit status 0 when
+every shard is good, 1 otherwise; each problem is printed on one line naming the shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import tarfile
+from multiprocessing import Pool
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tqdm import tqdm  # noqa: E402
+
+from modsquad_ds.data.decode import DecodeError, decode_member  # noqa: E402
+from modsquad_ds.data.shard_index import ShardInfo, load_index  # noqa: E402
+from modsquad_ds.data.tar_reader import split_member_name  # noqa: E402
+
+
+def check_shard(args: tuple[ShardInfo, list[str], bool]) -> list[str]:
+    """Problems found in one shard (empty list: good)."""
+    shard, domains, do_decode = args
+    path = Path(shard.path)
+    if not path.is_file():
+        return [f"{shard.name}: missing file {path}"]
+    problems = []
+    size = path.stat().st_size
+    if shard.bytes and size != shard.bytes:
+        problems.append(f"{shard.name}: size {size} != index {shard.bytes}")
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    if shard.sha256 and sha.hexdigest() != shard.sha256:
+        problems.append(f"{shard.name}: sha256 differs from the index")
+    keys: dict[str, set[str]] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(path, mode="r:") as tf:
+            for member in tf:
+                parsed = split_member_name(member.name) if member.isfile() else None
+                if parsed is None:
+                    problems.append(f"{shard.name}: unexpected member {member.name!r}")
+                    continue
+                key, domain, ext = parsed
+                if not order or order[-1] != key:
+                    if key in keys:
+                        problems.append(f"{shard.name}: members of {key} are not consecutive")
+                    keys.setdefault(key, set())
+                    order.append(key)
+                keys[key].add(domain)
+                if do_decode:
+                    data = tf.extractfile(member).read()
+                    try:
+                        decode_member(ext, data)
+                    except DecodeError as err:
+                        problems.append(f"{shard.name}: {member.name}: {err}")
+    except (tarfile.TarError, OSError, EOFError) as err:
+        problems.append(f"{shard.name}: unreadable tar ({type(err).__name__}: {err})")
+    if len(keys) != shard.samples:
+        problems.append(f"{shard.name}: {len(keys)} samples, index says {shard.samples}")
+    for key, doms in keys.items():
+        missing = set(domains) - doms
+        if missing:
+            problems.append(f"{shard.name}: {key} lacks {', '.join(sorted(missing))}")
+    return problems
+
+
+def verify(index_file: str | Path, decode: bool = False, workers: int = 1, progress: bool = True) -> list[str]:
+    index = load_index(index_file)
+    jobs = [(s, index.domains, decode) for s in index.shards]
+    problems: list[str] = []
+    bar = tqdm(total=len(jobs), unit="shard", desc="verify", disable=not progress)
+    if workers > 1 and len(jobs) > 1:
+        with Pool(min(workers, len(jobs))) as pool:
+            for found in pool.imap(check_shard, jobs):
+                problems += found
+                bar.update()
+    else:
+        for job in jobs:
+            problems += check_shard(job)
+            bar.update()
+    bar.close()
+    return problems
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_tools.verify_shards", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--index", required=True, help="a {split}.index.json written by make_shards")
+    ap.add_argument("--decode", action="store_true", help="also decode every member (slower)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        index = load_index(args.index)
+        problems = verify(args.index, args.decode, args.workers, not args.no_progress)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for p in problems:
+        print(p)
+    status = "OK" if not problems else f"{len(problems)} problems"
+    print(f"{index.split}: {len(index.shards)} shards, {index.num_samples} samples: {status}")
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,7 +3,8 @@
     python -m data_tools.verify_shards --index /data/shards/train.index.json [--decode] [--workers 8]
 
 --decode also decodes every member with the loader's own decoders (PNG via PIL keeping 16 bits,
-NPY without pickle) and checks that a sample's maps share one resolution. Exit status 0 when
+NPY without pickle) and checks each sample against the release encodings (dtypes, channels, one
+resolution, invalid codes where depth has no geometry: data_tools/release_checks.py). Exit status 0 when
 every shard is good, 1 otherwise; each problem is printed on one line naming the shard.
 """
 
@@ -22,7 +23,7 @@ if __package__ in (None, ""):
 
 from tqdm import tqdm  # noqa: E402
 
-from modsquad_ds.data.decode import DecodeError, decode_member  # noqa: E402
+from data_tools.release_checks import check_sample  # noqa: E402
 from modsquad_ds.data.shard_index import ShardInfo, load_index  # noqa: E402
 from modsquad_ds.data.tar_reader import split_member_name  # noqa: E402
 
@@ -45,6 +46,7 @@ def check_shard(args: tuple[ShardInfo, list[str], bool]) -> list[str]:
         problems.append(f"{shard.name}: sha256 differs from the index")
     keys: dict[str, set[str]] = {}
     order: list[str] = []
+    files: dict[str, dict[str, bytes]] = {}
     try:
         with tarfile.open(path, mode="r:") as tf:
             for member in tf:
@@ -61,10 +63,12 @@ def check_shard(args: tuple[ShardInfo, list[str], bool]) -> list[str]:
                 keys[key].add(domain)
                 if do_decode:
                     data = tf.extractfile(member).read()
-                    try:
-                        decode_member(ext, data)
-                    except DecodeError as err:
-                        problems.append(f"{shard.name}: {member.name}: {err}")
+                    files.setdefault(key, {})[domain] = data
+                    if len(files) > 1:  # the previous sample is complete: check and drop it
+                        done = next(iter(files))
+                        problems += [f"{shard.name}: {done}: {p}" for p in check_sample(files.pop(done))]
+        for key, blobs in files.items():
+            problems += [f"{shard.name}: {key}: {p}" for p in check_sample(blobs)]
     except (tarfile.TarError, OSError, EOFError) as err:
         problems.append(f"{shard.name}: unreadable tar ({type(err).__name__}: {err})")
     if len(keys) != shard.samples:

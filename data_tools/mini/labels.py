@@ -114,6 +114,8 @@ def keypoints2d(rgb: np.ndarray) -> np.ndarray:
 
 def segment_unsup2d(rgb: np.ndarray, seed: int) -> np.ndarray:
     labels = segmentation.felzenszwalb(rgb, scale=200, sigma=3.0)
+    if labels.max() == 0:  # one segment (tiny images): the region graph would have no edges
+        return np.zeros(labels.shape, np.uint8)
     g = graph.rag_mean_color(rgb, labels, mode="similarity")
     cut = graph.cut_normalized(labels, g, thresh=0.005, num_cuts=10, max_edge=2.0, rng=seed)
     return (segmentation.relabel_sequential(cut)[0] % 256).astype(np.uint8)

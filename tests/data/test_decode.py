@@ -1,0 +1,116 @@
+"""Release encodings -> numbers, on hand-made arrays with hand-computed answers."""
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools.release_io import encode_npy, encode_png
+from modsquad_ds.data import decode
+from modsquad_ds.data.classes import DEFAULT_OBJECT_KEEP, DEFAULT_SCENE_KEEP
+from modsquad_ds.data.sample import SampleProcessor, needed_domains
+from modsquad_ds.data.tasks import get_task
+
+
+def test_png_16bit_round_trip_keeps_uint16():
+    depth = np.array([[0, 512, 1024], [64499, 64500, 65535]], dtype=np.uint16)
+    out = decode.decode_png(encode_png(depth))
+    assert out.dtype == np.uint16 and np.array_equal(out, depth)
+
+
+def test_depth_in_metres_and_mask_from_raw():
+    raw = np.array([[512, 1024], [64499, 65535]], dtype=np.uint16)
+    valid = decode.depth_valid(raw)
+    target, mask = decode.to_target(get_task("depth_zbuffer"), raw, valid)
+    assert target.shape == (1, 2, 2)
+    assert target[0, 0, 0] == 1.0 and target[0, 0, 1] == 2.0  # 512 units = 1 m
+    assert mask.tolist() == [[True, True], [True, False]]
+
+
+def test_normals_decode_to_unit_vectors_and_invalid_code_masked():
+    raw = np.array([[[255, 128, 128], [128, 1, 128], [128, 128, 128]]], dtype=np.uint8)  # +x, -y, invalid
+    valid = np.ones((1, 3), bool)
+    target, mask = decode.to_target(get_task("normal"), raw, valid)
+    assert np.allclose(target[:, 0, 0], [1, 0, 0]) and np.allclose(target[:, 0, 1], [0, -1, 0])
+    assert mask.tolist() == [[True, True, False]]
+    assert np.allclose(np.linalg.norm(target[:, 0, :2], axis=0), 1.0)
+
+
+def test_curvature_two_channels_centred_on_127_and_zero_code_invalid():
+    raw = np.array([[[254, 127, 0], [0, 0, 0]]], dtype=np.uint8)
+    target, mask = decode.to_target(get_task("principal_curvature"), raw, np.ones((1, 2), bool))
+    assert target.shape == (2, 1, 2)
+    assert target[0, 0, 0] == 1.0 and target[1, 0, 0] == 0.0
+    assert mask.tolist() == [[True, False]]
+
+
+def test_reshading_one_channel_and_uint16_maps_scaled_by_65535():
+    rgb = np.full((2, 2, 3), 51, np.uint8)
+    t, m = decode.to_target(get_task("reshading"), rgb, np.array([[True, False], [True, True]]))
+    assert t.shape == (1, 2, 2) and np.allclose(t, 0.2) and m[0, 1] == False  # noqa: E712 - depth-masked
+    e, m2 = decode.to_target(get_task("edge_texture"), np.array([[65535, 0]], np.uint16), None)
+    assert e.tolist() == [[[1.0, 0.0]]] and m2 is None
+
+
+def test_class_object_softmax_then_keep_and_renormalise():
+    logits = np.zeros(1000, np.float32)
+    logits[DEFAULT_OBJECT_KEEP[0]] = np.log(3.0)  # kept classes: one weighs 3, the 99 others 1
+    probs = decode.class_probs(logits, DEFAULT_OBJECT_KEEP, 1000, "class_object")
+    assert probs.shape == (100,) and probs.sum() == pytest.approx(1.0)
+    assert probs[0] == pytest.approx(3 / 102) and probs[1] == pytest.approx(1 / 102)
+
+
+def test_class_scene_distribution_is_kept_as_probabilities():
+    p = np.zeros(365, np.float32)
+    p[DEFAULT_SCENE_KEEP[2]] = 0.5
+    p[DEFAULT_SCENE_KEEP[5]] = 0.25
+    p[1] = 0.25  # not kept
+    probs = decode.class_probs(p, DEFAULT_SCENE_KEEP, 365, "class_scene")
+    assert probs[2] == pytest.approx(2 / 3) and probs[5] == pytest.approx(1 / 3)
+
+
+def test_npy_with_pickled_object_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "executed"
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([Boom()], dtype=object), allow_pickle=True)
+    with pytest.raises(decode.DecodeError):
+        decode.decode_npy(buf.getvalue())
+    with pytest.raises(decode.DecodeError):
+        decode.decode_member("npy", pickle.dumps(Boom()))
+    assert not marker.exists()
+
+
+def test_semantic_ids_shift_and_zero_is_masked():
+    raw = np.array([[0, 1, 17]], np.uint8)
+    t, m = decode.to_target(get_task("segment_semantic"), raw, None)
+    assert t.tolist() == [[0, 0, 16]] and m.tolist() == [[False, True, True]]
+
+
+def test_processor_batch_contract_from_encoded_files():
+    tasks = ["depth_zbuffer", "normal", "segment_semantic", "class_scene"]
+    depth = np.full((4, 4), 1024, np.uint16)
+    depth[0, :] = 65535
+    files = {
+        "rgb": encode_png(np.full((4, 4, 3), 128, np.uint8)),
+        "depth_zbuffer": encode_png(depth),
+        "normal": encode_png(np.full((4, 4, 3), [128, 128, 255], np.uint8)),
+        "segment_semantic": encode_png(np.full((4, 4), 3, np.uint8)),
+        "class_scene": encode_npy(np.full(365, 1 / 365, np.float32)),
+    }
+    assert set(needed_domains(tasks)) == set(files)
+    s = SampleProcessor(tasks, img_size=2)("k__point_0_view_0", files)
+    assert s["image"].shape == (3, 2, 2) and s["image"].dtype == torch.float32
+    # (128/255 - 0.485) / 0.229 for the red channel
+    assert s["image"][0, 0, 0].item() == pytest.approx((128 / 255 - 0.485) / 0.229, abs=1e-5)
+    assert s["targets"]["segment_semantic"].dtype == torch.int64
+    assert s["targets"]["segment_semantic"].shape == (2, 2)
+    # top output row covers input rows 0 (invalid) and 1 (valid): half valid -> valid, value 2 m exactly
+    assert s["masks"]["depth_zbuffer"].all() and torch.allclose(s["targets"]["depth_zbuffer"], torch.tensor(2.0))
+    assert s["targets"]["class_scene"].shape == (63,)

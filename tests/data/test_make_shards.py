@@ -1,0 +1,133 @@
+"""The sharding tools on a real mini release: layout, byte-for-byte copies, resume, job ranges,
+index and verification."""
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+from data_tools import make_shards, verify_shards
+from data_tools.sharding import make_plan
+from modsquad_ds.data.layout import SampleId, read_split_csv, scan_release
+from modsquad_ds.data.shard_index import load_index
+
+from data_helpers import copy_shards
+
+
+def _members(tar_path):
+    with tarfile.open(tar_path) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+
+
+def test_split_csv_with_bare_cr_lines(mini_root):
+    csv = mini_root / "splits" / "train_val_test_mini.csv"
+    assert b"\r" in csv.read_bytes() and b"\n" not in csv.read_bytes()
+    splits = read_split_csv(csv)
+    assert len(splits["train"]) == 3 and len(splits["val"]) == 1 and len(splits["test"]) == 1
+
+
+def test_shards_copy_files_byte_for_byte_one_sample_per_key(all_shards, mini_root):
+    index = load_index(all_shards / "train.index.json")
+    assert [s.samples for s in index.shards] == [7, 7, 7, 7, 2]
+    keys = []
+    for shard in index.shards:
+        members = _members(shard.path)
+        shard_keys = list(dict.fromkeys(n.split(".")[0] for n in members))
+        keys += shard_keys
+        for name, data in members.items():
+            key, domain, _ = name.split(".")
+            assert data == SampleId.from_key(key).path(mini_root, domain).read_bytes()
+    assert len(keys) == len(set(keys)) == 30
+    # shuffled across buildings: the first shard is not one building
+    assert len({SampleId.from_key(k).building for k in keys[:7]}) > 1
+
+
+def test_index_records_sizes_and_checksums_and_verify_passes(all_shards):
+    index = load_index(all_shards / "train.index.json")
+    for s in index.shards:
+        assert Path(s.path).stat().st_size == s.bytes and len(s.sha256) == 64
+    assert verify_shards.verify(all_shards / "train.index.json", decode=True, progress=False) == []
+
+
+def test_verify_detects_tampering(all_shards, tmp_path):
+    out = copy_shards(all_shards, tmp_path / "s")
+    victim = out / "train-000001.tar"
+    data = bytearray(victim.read_bytes())
+    data[3000] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    (out / "train-000003.tar").write_bytes((out / "train-000003.tar").read_bytes()[:5000])
+    problems = verify_shards.verify(out / "train.index.json", progress=False)
+    assert any("train-000001.tar: sha256" in p for p in problems)
+    assert any("train-000003.tar" in p and "size" in p for p in problems)
+    assert verify_shards.main(["--index", str(out / "train.index.json"), "--no-progress"]) == 1
+
+
+def test_resume_skips_finished_shards_and_jobs_partition_the_work(mini_root, all_shards, tmp_path):
+    out = tmp_path / "jobs"
+    args = ["--root", str(mini_root), "--out", str(out), "--samples-per-shard", "7", "--workers", "1",
+            "--no-progress", "--num-jobs", "3"]
+    assert make_shards.main(args + ["--job-index", "0"]) == 0
+    assert not (out / "train.index.json").exists()  # other jobs' shards are missing
+    first = out / "train-000000.tar"
+    stamp = first.stat().st_mtime_ns
+    os.utime(first, ns=(stamp - 10**9, stamp - 10**9))  # make any rewrite visible
+    stamp = first.stat().st_mtime_ns
+    assert make_shards.main(args + ["--job-index", "2"]) == 0
+    assert make_shards.main(args + ["--job-index", "1"]) == 0  # the last job writes the index
+    assert first.stat().st_mtime_ns == stamp
+    # deterministic: three jobs write byte-identical shards and index to one job's
+    a = json.loads((out / "train.index.json").read_text())["shards"]
+    b = json.loads((all_shards / "train.index.json").read_text())["shards"]
+    assert a == b
+
+
+def test_interrupted_run_leaves_no_half_shard_and_resumes(mini_root, tmp_path):
+    out = tmp_path / "interrupted"
+    out.mkdir()
+    (out / ".train-000000.tar.123.tmp").write_bytes(b"half written")  # a killed writer's leftovers
+    args = ["--root", str(mini_root), "--out", str(out), "--samples-per-shard", "10", "--workers", "1",
+            "--no-progress"]
+    assert make_shards.main(args) == 0
+    assert len(load_index(out / "train.index.json").shards) == 3
+
+
+def test_summary_reports_missing_unreadable_and_excluded(mini_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "damaged"
+    shutil.copytree(mini_root, root)
+    sid = SampleId("minibldg000", 0, 0)
+    sid.path(root, "normal").unlink()  # missing domain file
+    SampleId("minibldg000", 1, 0).path(root, "rgb").write_bytes(b"not a png")  # unreadable
+    out = tmp_path / "out"
+    assert make_shards.main(["--root", str(root), "--out", str(out), "--split-csv",
+                             str(root / "splits" / "train_val_test_mini.csv"), "--split", "train",
+                             "--samples-per-shard", "4", "--workers", "1", "--no-progress"]) == 0
+    summary = load_index(out / "train.index.json").summary
+    assert summary["incomplete_samples"] == 1 and summary["missing_files_per_domain"] == {"normal": 1}
+    assert summary["incomplete_examples"] == [sid.key]
+    assert summary["excluded_buildings"] == 2  # val and test buildings are not in this split
+    assert summary["unreadable_samples"] == 1
+    assert "minibldg000__point_1_view_0" in summary["unreadable_examples"][0]["key"]
+    assert load_index(out / "train.index.json").num_samples == 18 - 2
+
+
+def test_pairing_is_by_name_not_listing_position(mini_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "r"
+    shutil.copytree(mini_root / "rgb", root / "rgb")
+    shutil.copytree(mini_root / "normal", root / "normal")
+    (root / "normal" / "taskonomy" / "minibldg001" / "point_0_view_0_domain_normal.png").unlink()
+    scan = scan_release(root, ["rgb", "normal"])
+    for sid, files in scan.samples.items():
+        assert files["normal"].name == f"point_{sid.point}_view_{sid.view}_domain_normal.png"
+        assert files["rgb"].parent.name == files["normal"].parent.name == sid.building
+    assert list(scan.incomplete) == [SampleId("minibldg001", 0, 0)]
+
+
+def test_plan_is_deterministic_in_seed(mini_root, tmp_path):
+    a = make_plan(mini_root, tmp_path, "train", ["rgb"], None, seed=1, samples_per_shard=5)
+    b = make_plan(mini_root, tmp_path, "train", ["rgb"], None, seed=1, samples_per_shard=5)
+    c = make_plan(mini_root, tmp_path, "train", ["rgb"], None, seed=2, samples_per_shard=5)
+    assert a.plan_hash == b.plan_hash != c.plan_hash

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m modsquad_ds.info
+	$(PY) -m modsquad_ds.demo
 
 info: $(STAMP)
 	$(PY) -m modsquad_ds.info

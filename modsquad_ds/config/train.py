@@ -49,6 +49,9 @@ class TrainConfig:
     resume: bool = True
     """Continue from the newest complete checkpoint in out_dir if there is one."""
     log_every: int = 10
+    stop_after: Optional[int] = None
+    """End this invocation (with a checkpoint) after this many optimizer steps; the next invocation
+    resumes. For queues with time limits; null: run to train.steps."""
 
     dist_timeout_s: float = 600.0
     """Process-group timeout: a collective that waits longer (a hung peer) raises on every rank."""
@@ -85,6 +88,8 @@ class TrainConfig:
         require(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        require(self.stop_after is None or self.stop_after >= 1, "stop_after",
+                f"must be >= 1 or null, got {self.stop_after}")
         require(self.dist_timeout_s > 0, "dist_timeout_s", f"must be positive, got {self.dist_timeout_s}")
         require(self.heartbeat_timeout_s >= 0, "heartbeat_timeout_s",
                 f"must be >= 0 (0: off), got {self.heartbeat_timeout_s}")

@@ -69,8 +69,12 @@ def _seed(cfg) -> int:
 
 def _dataloader(dataset, cfg, **kw) -> DataLoader:
     w = cfg.data.workers
+    # A generator of its own: DataLoader otherwise draws its worker base seed from the global torch
+    # RNG, which would shift the router-noise stream whenever a loader is (re)built, and resumed
+    # runs would no longer equal uninterrupted ones.
+    generator = torch.Generator().manual_seed(_seed(cfg))
     return DataLoader(dataset, num_workers=w, prefetch_factor=cfg.data.prefetch_factor if w else None,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available(), **kw)
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(), generator=generator, **kw)
 
 
 def _check_start(start_batch: int, n: int) -> None:

@@ -1,0 +1,113 @@
+"""Train Mod-Squad with DeepSpeed.
+
+The same command works as a plain single process and under every launcher:
+
+    python -m modsquad_ds.train --config run.yaml --set train.steps=1000
+    torchrun --nproc_per_node 8 -m modsquad_ds.train --config run.yaml --set train.ep_size=8
+    deepspeed --num_gpus 8 -m modsquad_ds.train --config run.yaml
+    mpiexec -n 16 python -m modsquad_ds.train --config run.yaml
+    srun python -m modsquad_ds.train --config run.yaml        (inside sbatch; see slurm/)
+
+Settings come from the preset, then the YAML files in order, then --set overrides; the resolved
+config and DeepSpeed JSON are written into train.out_dir with the checkpoints, TensorBoard logs,
+metrics.jsonl and usage.json (expert usage per task and layer). A run folder holding a checkpoint is
+resumed from it unless --no-resume is given. Bad settings are refused before any process starts
+talking to another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from modsquad_ds.config import ConfigError, load_config
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m modsquad_ds.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML run file; repeat to layer several (later ones win)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set train.ep_size=2 --set moe.mlp.top_k=2")
+    parser.add_argument("--preset", choices=["tiny", "small", "base"],
+                        help="model preset (default: the config's 'preset', else tiny)")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="resume", action="store_true", default=None,
+                        help="continue from the newest checkpoint in train.out_dir (the default)")
+    resume.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="ignore existing checkpoints and start from scratch")
+    return parser.parse_args(argv)
+
+
+def validate_before_launch(cfg):
+    """Everything that can be checked without talking to other ranks; raises ConfigError."""
+    from modsquad_ds.data.shard_index import index_path
+    from modsquad_ds.dist import env as launch_env
+    from modsquad_ds.dist.ds_config import ds_config_for_run
+    from modsquad_ds.dist.parallel import ParallelDims
+
+    ds_config = ds_config_for_run(cfg)
+    source = cfg.data.source_path()
+    if cfg.data.source == "shards" and not index_path(source, cfg.data.train_split).is_file():
+        raise ConfigError("data.shards_dir", f"no {cfg.data.train_split}.index.json in {source} "
+                          "(write shards with python -m data_tools.make_shards)")
+    if cfg.data.source == "raw" and not os.path.isdir(source):
+        raise ConfigError("data.raw_root", f"folder not found: {source}")
+    launch = launch_env.resolve()
+    dims = ParallelDims.from_config(cfg, launch.world_size, ds_config)
+    return ds_config, launch, dims
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"train.resume={str(args.resume).lower()}")
+    try:
+        cfg = load_config(args.config, overrides, preset=args.preset)
+        ds_config, launch, dims = validate_before_launch(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    from modsquad_ds.dist.bootstrap import init_distributed, seed_everything, shutdown
+    from modsquad_ds.dist.watchdog import fail_fast
+    from modsquad_ds.train.trainer import Trainer
+
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)  # DeepSpeed's INFO lines drown the progress bar
+    ctx = init_distributed(launch, timeout_s=cfg.train.dist_timeout_s,
+                           heartbeat_timeout_s=cfg.train.heartbeat_timeout_s)
+    seed_everything(cfg.seed)
+    with fail_fast(ctx.rank, ctx.world_size):
+        if ctx.rank == 0:
+            print(f"modsquad_ds.train: {dims.describe()} | {launch.describe()} | "
+                  f"init {ctx.init_seconds:.1f}s", flush=True)
+        result = Trainer(cfg, ds_config, ctx.rank, ctx.world_size).run()
+        if ctx.rank == 0:
+            loss = result.last_scalars.get("loss/total", float("nan"))
+            status = "stopped early (run the same command to resume)" if result.stopped_early else "done"
+            print(f"{status}: step {result.position.step}, loss {loss:.4f}, "
+                  f"{result.images_per_second:.1f} images/s, first step after "
+                  f"{result.seconds_to_first_step:.1f}s\n"
+                  f"run folder: {result.out_dir}\n"
+                  f"checkpoint: {result.checkpoint}\n"
+                  f"logs: tensorboard --logdir {result.out_dir / 'tensorboard'}", flush=True)
+        shutdown(ctx)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The training loop: one DeepSpeed engine, every rank running every task every step.
+
+Per micro step: the task-batched forward (all tasks of the rank's images in one pass), the per-task
+losses, and the MI loss of every MoE layer computed on task x expert tables summed over all ranks
+(an autograd-aware all-reduce, so the loss and its gradients are those of one process seeing the
+whole global batch). DeepSpeed averages gradients, accumulates micro steps and clips.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from modsquad_ds.config.loader import save_config
+from modsquad_ds.config.schema import RunConfig
+from modsquad_ds.data.loader import build_train_loader
+from modsquad_ds.dist.collectives import all_finite, all_reduce_scalar, all_reduce_sum_autograd
+from modsquad_ds.dist.ds_config import save_ds_config
+from modsquad_ds.dist.watchdog import EXIT_NONFINITE, die
+from modsquad_ds.model.factory import build_model
+from modsquad_ds.model.objective import MultiTaskObjective
+from modsquad_ds.moe.ds_adapter import convert_to_expert_parallel, moe_param_groups
+from modsquad_ds.train import checkpoint
+from modsquad_ds.train.logger import RunLogger
+from modsquad_ds.train.module import TrainModule
+from modsquad_ds.train.schedule import lr_lambda
+from modsquad_ds.train.signals import StopRequests
+from modsquad_ds.train.usage import UsageAccumulator, write_usage
+
+log = logging.getLogger("modsquad_ds.train")
+
+# Embeddings, norms and biases take no weight decay (as timm / DeiT train ViTs).
+NO_DECAY = ("pos_embed", "cls_token", "task_embed", "log_vars")
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    position: checkpoint.TrainPosition
+    last_scalars: dict = field(default_factory=dict)
+    seconds_to_first_step: float = 0.0
+    images_per_second: float = 0.0
+    checkpoint: Path | None = None
+    stopped_early: bool = False
+    """Ended by train.stop_after or SIGTERM before train.steps; resume to continue."""
+
+
+def build_engine(cfg: RunConfig, ds_config: dict):
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg)
+    convert_to_expert_parallel(model, cfg.train.ep_size)
+    module = TrainModule(model, MultiTaskObjective(cfg), all_reduce_sum_autograd)
+    optimizer = torch.optim.AdamW(moe_param_groups(module, cfg.train.weight_decay, NO_DECAY), lr=cfg.train.lr)
+    t = cfg.train
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.steps, t.warmup_steps, t.lr, t.min_lr))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return engine
+
+
+def _mean_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+    keys = sorted(sums)
+    values = torch.stack([sums[k].float().cpu() for k in keys]) / max(count, 1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return dict(zip(keys, values.tolist()))
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds_config: dict, rank: int, world_size: int):
+        self.cfg, self.ds_config = cfg, ds_config
+        self.rank, self.world_size = rank, world_size
+        self.out_dir = Path(cfg.train.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.usage = UsageAccumulator(cfg.tasks.names)
+        self.position = checkpoint.TrainPosition()
+        self.saved_step = -1
+
+    def _write_run_files(self) -> None:
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.out_dir / "config.yaml")
+            save_ds_config(self.ds_config, self.out_dir / "ds_config.json")
+
+    def _save(self, engine) -> Path:
+        path = checkpoint.save(engine, self.ckpt_dir, self.position, {"usage": self.usage.state_dict()},
+                               self.cfg.train.keep_checkpoints)
+        self.saved_step = self.position.step
+        tables = self.usage.global_tables()
+        if self.rank == 0:
+            write_usage(self.out_dir / "usage.json", self.cfg.tasks.names, tables)
+        return path
+
+    def run(self) -> RunResult:
+        cfg, t = self.cfg, self.cfg.train
+        started = time.perf_counter()
+        self._write_run_files()
+        engine = build_engine(cfg, self.ds_config)
+        if t.resume:
+            restored = checkpoint.load_latest(engine, self.ckpt_dir)
+            if restored is not None:
+                self.position, extra = restored
+                self.saved_step = self.position.step
+                self.usage.load_state_dict(extra.get("usage", {}))
+        logger = RunLogger(self.out_dir, t.steps, self.position.step, self.rank == 0)
+        if self.position.step:
+            logger.message(f"resumed from {self.ckpt_dir / checkpoint.tag_for(self.position.step)}")
+        result = RunResult(self.out_dir, self.position)
+        requests = StopRequests().install()
+        try:
+            self._loop(engine, logger, result, started, requests)
+        finally:
+            requests.uninstall()
+            logger.close()
+        if self.saved_step != self.position.step:
+            self._save(engine)
+        result.checkpoint = self.ckpt_dir / checkpoint.tag_for(self.position.step)
+        return result
+
+    def _loop(self, engine, logger: RunLogger, result: RunResult, started: float,
+              requests: StopRequests) -> None:
+        cfg, t, pos = self.cfg, self.cfg.train, self.position
+        stop_at = min(t.steps, pos.step + t.stop_after) if t.stop_after else t.steps
+        images_per_micro = cfg.data.batch_size * self.world_size
+        sums: dict[str, torch.Tensor] = {}
+        micro_in_step, bad_steps = 0, 0
+        window_start, window_images = time.perf_counter(), 0
+        while pos.step < stop_at:
+            loader = build_train_loader(cfg, self.rank, self.world_size, pos.epoch, pos.batch_in_epoch)
+            for batch in loader:
+                pos.batch_in_epoch += 1
+                boundary = engine.is_gradient_accumulation_boundary()
+                loss, stats, routing = engine(batch)
+                if not all_finite(loss.detach()):
+                    bad_steps += 1
+                    logger.message(f"step {pos.step}: non-finite loss on some rank, micro step skipped "
+                                   f"({bad_steps}/{t.nonfinite_patience})")
+                    if bad_steps >= t.nonfinite_patience:
+                        die(f"rank {self.rank}: loss was NaN/inf on some rank for {bad_steps} consecutive "
+                            f"micro steps at step {pos.step}; stopping (lower train.lr or check the data)",
+                            EXIT_NONFINITE)
+                    continue
+                bad_steps = 0
+                engine.backward(loss)
+                engine.step()
+                self.usage.add(routing)
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0) + value.detach()
+                micro_in_step += 1
+                window_images += images_per_micro
+                if not boundary:
+                    continue
+                pos.step += 1
+                if not result.seconds_to_first_step:
+                    result.seconds_to_first_step = time.perf_counter() - started
+                scalars = None
+                if pos.step % t.log_every == 0 or pos.step == t.steps:
+                    scalars = _mean_over_ranks(sums, micro_in_step)
+                    elapsed = time.perf_counter() - window_start
+                    scalars["perf/images_per_s"] = window_images / max(elapsed, 1e-9)
+                    scalars["lr"] = engine.get_lr()[0]
+                    result.last_scalars, result.images_per_second = scalars, scalars["perf/images_per_s"]
+                    window_start, window_images = time.perf_counter(), 0
+                sums, micro_in_step = {}, 0
+                logger.step(pos.step, scalars)
+                # one collective decides for all ranks: 2 = save and stop, 1 = save, 0 = go on
+                wish = all_reduce_scalar(2.0 if requests.stop else 1.0 if requests.save else 0.0, op="max")
+                save, stop = wish >= 1.0, wish >= 2.0
+                if save or (t.checkpoint_every and pos.step % t.checkpoint_every == 0):
+                    requests.save = False
+                    self._save(engine)
+                if stop or pos.step >= stop_at:
+                    result.stopped_early = pos.step < t.steps
+                    return
+            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0

@@ -1,0 +1,59 @@
+"""Expert usage per task and MoE layer, accumulated over training for the export and evaluation
+tools (pruning drops each task's rarely used experts; the usage maps show how tasks relate)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from modsquad_ds.moe.stats import RoutingStats
+
+
+class UsageAccumulator:
+    def __init__(self, task_names: Sequence[str]):
+        self.task_names = list(task_names)
+        self.layers: dict[str, dict] = {}
+
+    def add(self, routing: Sequence[RoutingStats]) -> None:
+        for r in routing:
+            entry = self.layers.setdefault(r.layer, {
+                "kind": r.kind, "top_k": r.top_k,
+                "counts": torch.zeros_like(r.count_table_TE, dtype=torch.float64, device="cpu"),
+                "tokens": torch.zeros_like(r.tokens_T, dtype=torch.float64, device="cpu")})
+            entry["counts"] += r.count_table_TE.detach().to("cpu", torch.float64)
+            entry["tokens"] += r.tokens_T.detach().to("cpu", torch.float64)
+
+    def global_tables(self) -> dict[str, dict]:
+        """Counts summed over all ranks (a collective when distributed)."""
+        out = {}
+        for name, entry in self.layers.items():
+            counts, tokens = entry["counts"].clone(), entry["tokens"].clone()
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(counts)
+                dist.all_reduce(tokens)
+            out[name] = {"kind": entry["kind"], "top_k": entry["top_k"], "counts": counts, "tokens": tokens}
+        return out
+
+    def state_dict(self) -> dict:
+        return {name: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in e.items()}
+                for name, e in self.layers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.layers = {name: dict(e) for name, e in state.items()}
+
+
+def write_usage(path: Path, task_names: Sequence[str], tables: dict[str, dict]) -> None:
+    """JSON: per layer, the share of each task's tokens routed to each expert (P(E|T) of hard
+    top-k choices, rows sum to top_k) and the raw counts."""
+    layers = []
+    for name, t in tables.items():
+        freq = t["counts"] / t["tokens"].clamp_min(1).unsqueeze(1)
+        layers.append({"layer": name, "kind": t["kind"], "top_k": t["top_k"],
+                       "frequency": freq.tolist(), "counts": t["counts"].tolist(), "tokens": t["tokens"].tolist()})
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"tasks": list(task_names), "layers": layers}))
+    tmp.replace(path)

@@ -214,8 +214,9 @@ def detect(env: Mapping[str, str], *, scontrol: Optional[str] = None,
         world = _int(env, "WORLD_SIZE")
         addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
         if world > 1 and (addr is None or port is None):
-            missing = " and ".join(k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env)
-            raise LaunchError(f"RANK and WORLD_SIZE={world} are set but {missing} is not: "
+            missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+            raise LaunchError(f"RANK and WORLD_SIZE={world} are set but {' and '.join(missing)} "
+                              f"{'is' if len(missing) == 1 else 'are'} not: "
                               "every rank needs the rendezvous address")
         launch = LaunchEnv(rank=_int(env, "RANK"), world_size=world,
                            local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,

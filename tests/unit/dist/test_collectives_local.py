@@ -1,0 +1,30 @@
+"""Collectives in a world of one are the identity (no process group needed), gradients included."""
+
+import torch
+
+from modsquad_ds.dist.collectives import all_finite, all_reduce_scalar, all_reduce_sum_autograd, any_rank
+from modsquad_ds.dist.watchdog import is_comm_failure
+
+
+def test_autograd_all_reduce_is_identity_without_a_group():
+    x = torch.randn(3, 4, requires_grad=True)
+    y = all_reduce_sum_autograd(x)
+    assert y is x
+    (y * 2).sum().backward()
+    assert torch.equal(x.grad, torch.full((3, 4), 2.0))
+
+
+def test_scalar_helpers_without_a_group():
+    assert all_reduce_scalar(2.5) == 2.5
+    assert any_rank(True) and not any_rank(False)
+    assert all_finite(torch.tensor(1.0)) and not all_finite(torch.tensor(float("nan")))
+    assert not all_finite(float("inf"))
+
+
+def test_comm_failure_classification():
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:36584: "
+                        "Connection reset by peer.")
+    assert is_comm_failure(gloo)
+    assert is_comm_failure(torch.distributed.DistNetworkError("x"))
+    assert not is_comm_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_comm_failure(ValueError("gloo"))

@@ -4,7 +4,7 @@ The same command works as a plain single process and under every launcher:
 
     python -m modsquad_ds.train --config run.yaml --set train.steps=1000
     torchrun --nproc_per_node 8 -m modsquad_ds.train --config run.yaml --set train.ep_size=8
-    deepspeed --num_gpus 8 -m modsquad_ds.train --config run.yaml
+    deepspeed --num_gpus 8 --module modsquad_ds.train --config run.yaml
     mpiexec -n 16 python -m modsquad_ds.train --config run.yaml
     srun python -m modsquad_ds.train --config run.yaml        (inside sbatch; see slurm/)
 
@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="continue from the newest checkpoint in train.out_dir (the default)")
     resume.add_argument("--no-resume", dest="resume", action="store_false",
                         help="ignore existing checkpoints and start from scratch")
+    # The deepspeed launcher appends --local_rank=N unless given --no_local_rank; LOCAL_RANK in the
+    # environment says the same, so accept and ignore it.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

@@ -1,0 +1,150 @@
+"""The real training command under real launchers: exact resume, bounded failure, early refusal.
+
+Each test launches ``python -m modsquad_ds.train`` on a mini-Taskonomy written by the real tools.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from _launch import BIN, base_env, python, run, run_ok
+from data_tools import make_shards
+from data_tools.mini_taskonomy import generate
+
+pytestmark = pytest.mark.dist
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """4 buildings x 3 points x 3 views at 32 px: 18 training samples in shards of 5 (uneven)."""
+    root = tmp_path_factory.mktemp("train_mini")
+    generate(root, buildings=4, points=3, views=3, resolution=32, seed=1, workers=2, progress=False)
+    out = root / "shards"
+    assert make_shards.main(["--root", str(root), "--out", str(out), "--split", "train",
+                             "--split-csv", str(root / "splits" / "train_val_test_mini.csv"),
+                             "--samples-per-shard", "5", "--no-progress"]) == 0
+    return out
+
+
+def _args(shards: Path, out: Path, *extra: str) -> list[str]:
+    args = ["-m", "modsquad_ds.train", "--config", "configs/demo.yaml", "--set", f"data.shards_dir={shards}",
+            "--set", "data.batch_size=4", "--set", "train.steps=7", "--set", "train.warmup_steps=2",
+            "--set", "train.log_every=1", "--set", f"train.out_dir={out}"]
+    for item in extra:
+        args += ["--set", item]
+    return args
+
+
+def _losses(out: Path) -> dict[int, dict[str, float]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith(("loss/", "mi/"))} for r in rows}
+
+
+def _torchrun(nproc: int) -> list[str]:
+    return [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}"]
+
+
+@pytest.mark.parametrize("nproc, extra", [
+    (1, ["train.ep_size=1", "data.workers=0"]),
+    (2, ["train.ep_size=2", "data.workers=2", "train.grad_accum=2"]),
+])
+def test_resume_equals_uninterrupted(shards, tmp_path, nproc, extra):
+    launcher = _torchrun(nproc) if nproc > 1 else [python()]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run_ok(launcher + _args(shards, whole, *extra), timeout_s=240)
+    first = run_ok(launcher + _args(shards, parts, *extra, "train.stop_after=3"), timeout_s=240)
+    assert "stopped early" in first.output
+    assert (parts / "checkpoints" / "step_00000003").is_dir()
+    run_ok(launcher + _args(shards, parts, *extra), timeout_s=240)
+
+    expected, resumed = _losses(whole), _losses(parts)
+    assert sorted(expected) == sorted(resumed) == list(range(1, 8))
+    for step in range(4, 8):  # fp32 on CPU: bit-identical, not merely close
+        assert resumed[step] == expected[step], f"step {step} differs after resume"
+    # with data.batch_size 4 x ranks x grad_accum, 7 steps cross epoch boundaries of 18 samples
+    usage = json.loads((parts / "usage.json").read_text())
+    assert usage["tasks"] == json.loads((whole / "usage.json").read_text())["tasks"]
+    assert len(usage["layers"]) == 4
+
+
+def test_saved_run_folder_has_config_checkpoint_and_logs(shards, tmp_path):
+    out = tmp_path / "run"
+    result = run_ok([python()] + _args(shards, out, "train.ep_size=1", "data.workers=0",
+                                      "train.checkpoint_every=3", "train.keep_checkpoints=1"), timeout_s=240)
+    assert f"run folder: {out}" in result.output
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_00000007"], "keep_checkpoints=1 keeps only the newest"
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000007"
+    files = {p.name for p in (out / "checkpoints" / "step_00000007").iterdir()}
+    assert "mp_rank_00_model_states.pt" in files
+    assert {f"layer_{l}_expert_{e}_mp_rank_00_model_states.pt" for l in (0, 1) for e in range(8)} <= files
+    assert not list((out / "checkpoints").glob(".partial-*"))
+    from modsquad_ds.config import load_config
+
+    saved = load_config([out / "config.yaml"])
+    assert saved.train.steps == 7 and saved.data.batch_size == 4
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    losses = _losses(out)
+    assert set(losses[1]) >= {"loss/total", "loss/normal", "mi/blocks.0.attn", "mi/blocks.1.mlp"}
+
+
+def test_interrupted_save_leaves_previous_checkpoint_usable(shards, tmp_path):
+    out = tmp_path / "run"
+    run_ok([python()] + _args(shards, out, "train.ep_size=1", "data.workers=0", "train.stop_after=3"),
+           timeout_s=240)
+    partial = out / "checkpoints" / ".partial-step_00000005"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated by a crash")
+    result = run_ok([python()] + _args(shards, out, "train.ep_size=1", "data.workers=0"), timeout_s=240)
+    assert "resumed from" in result.output and "step_00000003" in result.output
+    assert not partial.exists(), "the next save removes the leftover partial folder"
+
+
+def test_bad_parallel_settings_fail_before_any_process_group(shards, tmp_path):
+    # WORLD_SIZE=2 with no second rank: reaching init would hang until the timeout
+    env = base_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29555")
+    for setting, key in (("train.ep_size=3", "train.ep_size"), ("train.zero_stage=3", "train.zero_stage"),
+                         ("data.shards_dir=/nonexistent", "data.shards_dir")):
+        result = run([python()] + _args(shards, tmp_path / "bad", setting), timeout_s=60, env=env)
+        assert result.returncode == 2, result.output
+        lines = [l for l in result.output.splitlines() if l.startswith("error:")]
+        assert len(lines) == 1 and key in lines[0], result.output
+        assert result.seconds < 30
+
+
+def test_killed_rank_ends_the_job_within_bounded_time(shards, tmp_path):
+    """Plain processes (no launcher to clean up): the survivor must notice and exit by itself."""
+    port = 29000 + os.getpid() % 1000
+    out = tmp_path / "run"
+    procs = []
+    for rank in range(2):
+        env = base_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
+        cmd = [python()] + _args(shards, out, "train.ep_size=2", "data.workers=0", "train.steps=100000",
+                                 "train.warmup_steps=0", "train.heartbeat_timeout_s=10")
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True, cwd=Path(__file__).parents[2]))
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+            assert time.monotonic() < deadline, "training did not start"
+            assert procs[0].poll() is None, procs[0].communicate()[0]
+            time.sleep(0.5)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        output, _ = procs[0].communicate(timeout=90)
+        ended_after = time.monotonic() - killed_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert procs[0].returncode not in (0, None)
+    assert ended_after < 60, f"survivor took {ended_after:.0f} s"
+    assert "[modsquad_ds.dist]" in output, output[-3000:]

@@ -277,6 +277,13 @@ def check_checkpoint(rank: int, world: int, out_dir: Path) -> dict:
     gathered = convert_to_single_process(fresh.module.model)
     r["ep1_load_mismatch"] = [k for k, v in gathered.state_dict().items() if not torch.equal(v, back[k])]
     r["gathered_keys"] = len(gathered.state_dict())
+    # dropless with unequal token counts per rank (3 images vs 1): capacity is the group maximum
+    engine.module.eval()
+    gathered.eval()
+    uneven = batch["image"][:3] if rank == 0 else batch["image"][3:]
+    with torch.no_grad():
+        y_ep, y_ref = engine.module.model(uneven), gathered(uneven)
+    r["uneven_output_diff"] = max(rel_diff(y_ep.preds[t], y_ref.preds[t]) for t in TASKS)
     # optimizer state came back too: one more step from the saved and the loaded engine agrees
     resumed = ep_engine(cfg, 0, ep_size=world, micro_batch=n, lr=1e-3, wd=0.05, seed=11)
     resumed.load_checkpoint(str(ckpt), tag="step1")

@@ -63,6 +63,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(key, f"must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; users mean the number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"must be a number, got {value!r}")
         return float(value)

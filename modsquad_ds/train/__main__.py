@@ -85,8 +85,8 @@ def main(argv=None) -> int:
         return 2
 
     from modsquad_ds.dist.bootstrap import init_distributed, seed_everything, shutdown
-    from modsquad_ds.dist.watchdog import fail_fast
-    from modsquad_ds.train.trainer import Trainer
+    from modsquad_ds.dist.watchdog import EXIT_NONFINITE, die, fail_fast
+    from modsquad_ds.train.trainer import NonFiniteLoss, Trainer
 
     from deepspeed.utils import logger as ds_logger
 
@@ -98,7 +98,10 @@ def main(argv=None) -> int:
         if ctx.rank == 0:
             print(f"modsquad_ds.train: {dims.describe()} | {launch.describe()} | "
                   f"init {ctx.init_seconds:.1f}s", flush=True)
-        result = Trainer(cfg, ds_config, ctx.rank, ctx.world_size).run()
+        try:
+            result = Trainer(cfg, ds_config, ctx.rank, ctx.world_size).run()
+        except NonFiniteLoss as err:
+            die(f"rank {ctx.rank}: {err}", EXIT_NONFINITE)
         if ctx.rank == 0:
             loss = result.last_scalars.get("loss/total", float("nan"))
             status = "stopped early (run the same command to resume)" if result.stopped_early else "done"

@@ -9,6 +9,18 @@ from typing import Optional
 from tqdm import tqdm
 
 
+def _open_metrics(path: Path, start_step: int):
+    """Append to the metrics of the run being continued, dropping rows logged after its checkpoint
+    (a crashed run may have logged steps that the resumed run will log again)."""
+    kept = []
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start_step]
+    with open(path, "w") as f:
+        f.writelines(line + "\n" for line in kept)
+    return open(path, "a")
+
+
 class RunLogger:
     def __init__(self, out_dir: Path, total_steps: int, start_step: int, enabled: bool):
         self.enabled = enabled
@@ -19,8 +31,8 @@ class RunLogger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-        self.jsonl = open(out_dir / "metrics.jsonl", "a")
+        self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+        self.jsonl = _open_metrics(out_dir / "metrics.jsonl", start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def step(self, step: int, scalars: Optional[dict[str, float]] = None) -> None:

@@ -22,7 +22,6 @@ from modsquad_ds.config.schema import RunConfig
 from modsquad_ds.data.loader import build_train_loader
 from modsquad_ds.dist.collectives import all_finite, all_reduce_scalar, all_reduce_sum_autograd
 from modsquad_ds.dist.ds_config import save_ds_config
-from modsquad_ds.dist.watchdog import EXIT_NONFINITE, die
 from modsquad_ds.model.factory import build_model
 from modsquad_ds.model.objective import MultiTaskObjective
 from modsquad_ds.moe.ds_adapter import convert_to_expert_parallel, moe_param_groups
@@ -37,6 +36,10 @@ log = logging.getLogger("modsquad_ds.train")
 
 # Embeddings, norms and biases take no weight decay (as timm / DeiT train ViTs).
 NO_DECAY = ("pos_embed", "cls_token", "task_embed", "log_vars")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Every rank raises it together (the finite check is a collective decision)."""
 
 
 @dataclass
@@ -143,9 +146,8 @@ class Trainer:
                     logger.message(f"step {pos.step}: non-finite loss on some rank, micro step skipped "
                                    f"({bad_steps}/{t.nonfinite_patience})")
                     if bad_steps >= t.nonfinite_patience:
-                        die(f"rank {self.rank}: loss was NaN/inf on some rank for {bad_steps} consecutive "
-                            f"micro steps at step {pos.step}; stopping (lower train.lr or check the data)",
-                            EXIT_NONFINITE)
+                        raise NonFiniteLoss(f"loss was NaN/inf on some rank for {bad_steps} consecutive micro "
+                                            f"steps at step {pos.step}; stopping (lower train.lr or check the data)")
                     continue
                 bad_steps = 0
                 engine.backward(loss)

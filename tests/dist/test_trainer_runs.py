@@ -148,3 +148,21 @@ def test_killed_rank_ends_the_job_within_bounded_time(shards, tmp_path):
     assert procs[0].returncode not in (0, None)
     assert ended_after < 60, f"survivor took {ended_after:.0f} s"
     assert "[modsquad_ds.dist]" in output, output[-3000:]
+
+
+def test_nan_storm_ends_every_rank_with_a_clear_message(shards, tmp_path):
+    # lr 1e6 blows the weights up within a step or two: the loss turns NaN on every rank
+    result = run(_torchrun(2) + _args(shards, tmp_path / "nan", "train.ep_size=2", "data.workers=0",
+                                      "train.lr=1e6", "train.warmup_steps=0", "train.steps=50",
+                                      "train.nonfinite_patience=2"), timeout_s=180)
+    assert result.returncode != 0
+    assert result.output.count("loss was NaN/inf on some rank for 2 consecutive micro steps") == 2, \
+        result.output[-3000:]
+    assert "exitcode  : 76" in result.output, result.output[-3000:]  # torchrun names the failed rank
+
+
+def test_single_process_nan_storm_exit_code(shards, tmp_path):
+    result = run([python()] + _args(shards, tmp_path / "nan1", "train.ep_size=1", "data.workers=0",
+                                    "train.lr=1e6", "train.warmup_steps=0", "train.steps=50"), timeout_s=180)
+    assert result.returncode == 76, result.output[-3000:]
+    assert "stopping (lower train.lr or check the data)" in result.output

@@ -30,6 +30,12 @@ def test_yaml_then_overrides_layer_in_order(tmp_path):
     assert cfg.tasks.names == ["normal", "class_scene"]
 
 
+def test_exponent_without_dot_is_a_number_not_a_string():
+    assert load_config(overrides=["train.lr=1e-3"]).train.lr == 1e-3
+    with pytest.raises(ConfigError, match="must be a number"):
+        load_config(overrides=["train.lr=fast"])
+
+
 def test_int_is_accepted_for_float_and_saved_config_round_trips(tmp_path):
     cfg = load_config(overrides=["loss.w_mi=1", "model.pretrained=/tmp/x.pth"])
     assert cfg.loss.w_mi == 1.0 and isinstance(cfg.loss.w_mi, float)

@@ -24,7 +24,7 @@ from modsquad_ds.dist.collectives import all_finite, all_reduce_scalar, all_redu
 from modsquad_ds.dist.ds_config import save_ds_config
 from modsquad_ds.model.factory import build_model
 from modsquad_ds.model.objective import MultiTaskObjective
-from modsquad_ds.moe.ds_adapter import convert_to_expert_parallel, moe_param_groups
+from modsquad_ds.moe.ds_adapter import clip_grad_norm_, convert_to_expert_parallel, moe_param_groups
 from modsquad_ds.train import checkpoint
 from modsquad_ds.train.logger import RunLogger
 from modsquad_ds.train.module import TrainModule
@@ -54,7 +54,21 @@ class RunResult:
     """Ended by train.stop_after or SIGTERM before train.steps; resume to continue."""
 
 
+def manual_clip_norm(cfg: RunConfig, ds_config: dict) -> float:
+    """The clip norm the trainer must apply itself (0: DeepSpeed clips correctly).
+
+    DeepSpeed 0.19.8 at ZeRO 0 clips with the average of per-rank norms that each miss the other
+    ranks' experts, so with ep_size > 1 it clips to the wrong norm (ZeRO 1/2 are right); see
+    moe.ds_adapter.clip_grad_norm_ and tests/dist/test_ep_equivalence.py.
+    """
+    zero = ds_config.get("zero_optimization", {}).get("stage", 0)
+    clip = float(ds_config.get("gradient_clipping", 0.0))
+    return clip if zero == 0 and cfg.train.ep_size > 1 and clip > 0 else 0.0
+
+
 def build_engine(cfg: RunConfig, ds_config: dict):
+    if manual_clip_norm(cfg, ds_config):
+        ds_config = {**ds_config, "gradient_clipping": 0.0}
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg)
     convert_to_expert_parallel(model, cfg.train.ep_size)
@@ -131,6 +145,7 @@ class Trainer:
               requests: StopRequests) -> None:
         cfg, t, pos = self.cfg, self.cfg.train, self.position
         stop_at = min(t.steps, pos.step + t.stop_after) if t.stop_after else t.steps
+        clip_norm = manual_clip_norm(cfg, self.ds_config)
         images_per_micro = cfg.data.batch_size * self.world_size
         sums: dict[str, torch.Tensor] = {}
         micro_in_step, bad_steps = 0, 0
@@ -151,6 +166,8 @@ class Trainer:
                     continue
                 bad_steps = 0
                 engine.backward(loss)
+                if boundary and clip_norm:
+                    clip_grad_norm_(engine.module, clip_norm)
                 engine.step()
                 self.usage.add(routing)
                 for key, value in stats.items():

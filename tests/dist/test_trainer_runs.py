@@ -166,3 +166,20 @@ def test_single_process_nan_storm_exit_code(shards, tmp_path):
                                     "train.lr=1e6", "train.warmup_steps=0", "train.steps=50"), timeout_s=180)
     assert result.returncode == 76, result.output[-3000:]
     assert "stopping (lower train.lr or check the data)" in result.output
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpiexec"])
+def test_training_runs_unchanged_under_other_launchers(shards, tmp_path, launcher):
+    from modsquad_ds.dist.env import free_port
+
+    out = tmp_path / launcher
+    args = _args(shards, out, "train.ep_size=2", "data.workers=0", "train.steps=3")
+    if launcher == "deepspeed":
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+               "--module", *args[1:]]
+    else:
+        cmd = [str(BIN / "mpiexec"), "-n", "2", python(), *args]
+    result = run_ok(cmd, timeout_s=180)
+    assert "world=2 dp=2 ep=2" in result.output
+    assert f"launcher={'mpi' if launcher == 'mpiexec' else 'deepspeed'}" in result.output
+    assert sorted(_losses(out)) == [1, 2, 3]

@@ -1,0 +1,60 @@
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from modsquad_ds.config import load_config
+from modsquad_ds.moe.stats import RoutingStats
+from modsquad_ds.train import checkpoint
+from modsquad_ds.train.schedule import warmup_cosine
+from modsquad_ds.train.trainer import manual_clip_norm
+from modsquad_ds.train.usage import UsageAccumulator, write_usage
+
+
+def test_warmup_then_cosine_hand_values():
+    lr = lambda s: warmup_cosine(s, total=10, warmup=2, base_lr=1.0, min_lr=0.1)  # noqa: E731
+    assert [lr(0), lr(1)] == [0.5, 1.0]
+    assert lr(2) == pytest.approx(1.0)
+    assert lr(6) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert lr(10) == pytest.approx(0.1) and lr(50) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("zero, ep, clip, expected", [
+    (0, 2, 1.0, 1.0), (0, 1, 1.0, 0.0), (1, 2, 1.0, 0.0), (2, 2, 1.0, 0.0), (0, 2, 0.0, 0.0)])
+def test_trainer_clips_itself_only_where_deepspeed_is_wrong(zero, ep, clip, expected):
+    cfg = load_config(overrides=[f"train.ep_size={ep}"])
+    ds = {"zero_optimization": {"stage": zero}, "gradient_clipping": clip}
+    assert manual_clip_norm(cfg, ds) == expected
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
+    torch.manual_seed(1), random.seed(2), np.random.seed(3)
+    torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(9), random.seed(9), np.random.seed(9)
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1] and np.random.rand() == expected[2]
+
+
+def test_only_complete_checkpoint_folders_count(tmp_path):
+    for name in ("step_00000002", ".partial-step_00000004", "step_00000001", "latest"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_00000001", "step_00000002"]
+
+
+def test_usage_frequencies_per_task_and_expert(tmp_path):
+    acc = UsageAccumulator(["a", "b"])
+    counts = torch.tensor([[4.0, 0.0, 4.0], [0.0, 8.0, 0.0]])
+    stats = RoutingStats("blocks.1.mlp", "mlp", counts, counts, torch.tensor([4.0, 4.0]), 2)
+    acc.add([stats])
+    acc.add([stats])
+    write_usage(tmp_path / "usage.json", ["a", "b"], acc.global_tables())
+    doc = json.loads((tmp_path / "usage.json").read_text())
+    layer = doc["layers"][0]
+    assert doc["tasks"] == ["a", "b"] and layer["layer"] == "blocks.1.mlp"
+    assert layer["frequency"] == [[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]]  # rows sum to top_k
+    assert layer["tokens"] == [8.0, 8.0]

@@ -29,8 +29,12 @@ def resize_image(x_CHW: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _area(x_CHW: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = x_CHW.shape[-2:]
+    if h % size == 0 and w % size == 0:  # integer factor (512 -> 32, 128 -> 32): block means, ~10x
+        c = x_CHW.shape[0]            # faster than adaptive pooling on CPU
+        return x_CHW.reshape(c, size, h // size, size, w // size).mean(dim=(2, 4))
     # adaptive average pooling = exact area weights when shrinking, for any ratio.
-    if x_CHW.shape[-2] >= size and x_CHW.shape[-1] >= size:
+    if h >= size and w >= size:
         return F.adaptive_avg_pool2d(x_CHW, (size, size))
     return F.interpolate(x_CHW[None], size=(size, size), mode="nearest")[0]
 

@@ -21,7 +21,7 @@ from modsquad_ds.data.corrupt import CorruptCounter, CorruptDataError
 from modsquad_ds.data.plan import WorkerPlan, worker_plan
 from modsquad_ds.data.sample import SampleError, SampleProcessor, collate
 from modsquad_ds.data.shard_index import ShardInfo
-from modsquad_ds.data.tar_reader import Corrupt, RawSample, read_span
+from modsquad_ds.data.tar_reader import Corrupt, read_span
 
 
 def read_plan(plan: WorkerPlan, domains: set[str]) -> Iterator:

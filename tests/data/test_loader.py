@@ -2,7 +2,6 @@
 DataLoader worker processes."""
 
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -19,27 +19,32 @@ class UsageAccumulator:
         self.layers: dict[str, dict] = {}
 
     def add(self, routing: Sequence[RoutingStats]) -> None:
+        # Accumulate where the tables live: no device-to-host copy (and sync) per micro step.
         for r in routing:
             entry = self.layers.setdefault(r.layer, {
                 "kind": r.kind, "top_k": r.top_k,
-                "counts": torch.zeros_like(r.count_table_TE, dtype=torch.float64, device="cpu"),
-                "tokens": torch.zeros_like(r.tokens_T, dtype=torch.float64, device="cpu")})
-            entry["counts"] += r.count_table_TE.detach().to("cpu", torch.float64)
-            entry["tokens"] += r.tokens_T.detach().to("cpu", torch.float64)
+                "counts": torch.zeros_like(r.count_table_TE, dtype=torch.float64),
+                "tokens": torch.zeros_like(r.tokens_T, dtype=torch.float64)})
+            if entry["counts"].device != r.count_table_TE.device:  # restored from a checkpoint
+                entry["counts"] = entry["counts"].to(r.count_table_TE.device)
+                entry["tokens"] = entry["tokens"].to(r.tokens_T.device)
+            entry["counts"] += r.count_table_TE.detach()
+            entry["tokens"] += r.tokens_T.detach()
 
     def global_tables(self) -> dict[str, dict]:
-        """Counts summed over all ranks (a collective when distributed)."""
+        """Counts summed over all ranks (a collective when distributed), on the CPU."""
         out = {}
         for name, entry in self.layers.items():
             counts, tokens = entry["counts"].clone(), entry["tokens"].clone()
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(counts)
                 dist.all_reduce(tokens)
-            out[name] = {"kind": entry["kind"], "top_k": entry["top_k"], "counts": counts, "tokens": tokens}
+            out[name] = {"kind": entry["kind"], "top_k": entry["top_k"], "counts": counts.cpu(),
+                         "tokens": tokens.cpu()}
         return out
 
     def state_dict(self) -> dict:
-        return {name: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in e.items()}
+        return {name: {k: (v.cpu().clone() if torch.is_tensor(v) else v) for k, v in e.items()}
                 for name, e in self.layers.items()}
 
     def load_state_dict(self, state: dict) -> None:

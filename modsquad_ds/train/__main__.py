@@ -91,6 +91,10 @@ def main(argv=None) -> int:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed's INFO lines drown the progress bar
+    import warnings
+
+    # DeepSpeed 0.19.8's ZeRO calls a torch collective that torch 2.14 marks deprecated, every step.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     ctx = init_distributed(launch, timeout_s=cfg.train.dist_timeout_s,
                            heartbeat_timeout_s=cfg.train.heartbeat_timeout_s)
     seed_everything(cfg.seed)

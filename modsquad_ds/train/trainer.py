@@ -30,7 +30,7 @@ from modsquad_ds.train.logger import RunLogger
 from modsquad_ds.train.module import TrainModule
 from modsquad_ds.train.schedule import lr_lambda
 from modsquad_ds.train.signals import StopRequests
-from modsquad_ds.train.usage import UsageAccumulator, write_usage
+from modsquad_ds.train.usage import UsageAccumulator, plot_usage, write_usage
 
 log = logging.getLogger("modsquad_ds.train")
 
@@ -113,6 +113,7 @@ class Trainer:
         tables = self.usage.global_tables()
         if self.rank == 0:
             write_usage(self.out_dir / "usage.json", self.cfg.tasks.names, tables)
+            plot_usage(self.out_dir / "usage.png", self.cfg.tasks.names, tables)
         return path
 
     def run(self) -> RunResult:

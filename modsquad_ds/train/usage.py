@@ -62,3 +62,36 @@ def write_usage(path: Path, task_names: Sequence[str], tables: dict[str, dict]) 
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps({"tasks": list(task_names), "layers": layers}))
     tmp.replace(path)
+
+
+def plot_usage(path: Path, task_names: Sequence[str], tables: dict[str, dict]) -> None:
+    """One heat map per MoE layer: rows tasks, columns experts, colour the share of the task's
+    tokens sent to the expert. Sharp, differing rows are what the MI loss is meant to produce."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(tables)
+    if not names:
+        return
+    cols = min(4, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.25 * len(task_names) * rows + 1.2 * rows),
+                             squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        t = tables[name]
+        freq = (t["counts"] / t["tokens"].clamp_min(1).unsqueeze(1) / t["top_k"]).numpy()
+        ax.imshow(freq, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(freq.max()), 1e-9))
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("expert", fontsize=7)
+        ax.set_yticks(range(len(task_names)))
+        ax.set_yticklabels(task_names, fontsize=6)
+        ax.tick_params(axis="x", labelsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

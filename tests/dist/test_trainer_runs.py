@@ -6,6 +6,7 @@ Each test launches ``python -m modsquad_ds.train`` on a mini-Taskonomy written b
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -91,6 +92,7 @@ def test_saved_run_folder_has_config_checkpoint_and_logs(shards, tmp_path):
     saved = load_config([out / "config.yaml"])
     assert saved.train.steps == 7 and saved.data.batch_size == 4
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "usage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     losses = _losses(out)
     assert set(losses[1]) >= {"loss/total", "loss/normal", "mi/blocks.0.attn", "mi/blocks.1.mlp"}
 
@@ -183,3 +185,16 @@ def test_training_runs_unchanged_under_other_launchers(shards, tmp_path, launche
     assert "world=2 dp=2 ep=2" in result.output
     assert f"launcher={'mpi' if launcher == 'mpiexec' else 'deepspeed'}" in result.output
     assert sorted(_losses(out)) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("ds_config", sorted(p.name for p in (Path(__file__).parents[2] / "ds_configs").glob("*.json")))
+def test_every_shipped_deepspeed_config_trains_with_expert_parallelism(shards, tmp_path, ds_config):
+    out = tmp_path / ds_config
+    result = run_ok(_torchrun(2) + _args(shards, out, "train.ep_size=2", "data.workers=0", "train.steps=2",
+                                         "train.warmup_steps=0", f"train.ds_config=ds_configs/{ds_config}"),
+                    timeout_s=180)
+    zero = json.loads((Path(__file__).parents[2] / "ds_configs" / ds_config).read_text())["zero_optimization"]["stage"]
+    assert f"zero={zero}" in result.output
+    losses = _losses(out)
+    assert sorted(losses) == [1, 2]
+    assert all(math.isfinite(v) for row in losses.values() for v in row.values())

@@ -149,7 +149,7 @@ class Trainer:
         clip_norm = manual_clip_norm(cfg, self.ds_config)
         images_per_micro = cfg.data.batch_size * self.world_size
         sums: dict[str, torch.Tensor] = {}
-        micro_in_step, bad_steps = 0, 0
+        micro_in_window, bad_steps = 0, 0
         window_start, window_images = time.perf_counter(), 0
         while pos.step < stop_at:
             loader = build_train_loader(cfg, self.rank, self.world_size, pos.epoch, pos.batch_in_epoch)
@@ -173,7 +173,7 @@ class Trainer:
                 self.usage.add(routing)
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0) + value.detach()
-                micro_in_step += 1
+                micro_in_window += 1
                 window_images += images_per_micro
                 if not boundary:
                     continue
@@ -182,13 +182,13 @@ class Trainer:
                     result.seconds_to_first_step = time.perf_counter() - started
                 scalars = None
                 if pos.step % t.log_every == 0 or pos.step == t.steps:
-                    scalars = _mean_over_ranks(sums, micro_in_step)
+                    scalars = _mean_over_ranks(sums, micro_in_window)
                     elapsed = time.perf_counter() - window_start
                     scalars["perf/images_per_s"] = window_images / max(elapsed, 1e-9)
                     scalars["lr"] = engine.get_lr()[0]
                     result.last_scalars, result.images_per_second = scalars, scalars["perf/images_per_s"]
                     window_start, window_images = time.perf_counter(), 0
-                sums, micro_in_step = {}, 0
+                    sums, micro_in_window = {}, 0  # logged values average the whole window
                 logger.step(pos.step, scalars)
                 # one collective decides for all ranks: 2 = save and stop, 1 = save, 0 = go on
                 wish = all_reduce_scalar(2.0 if requests.stop else 1.0 if requests.save else 0.0, op="max")

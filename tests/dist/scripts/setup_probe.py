@@ -25,8 +25,12 @@ def main() -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps({"rank": ctx.rank, **dataclasses.asdict(dims), "expert_dp_size": dims.expert_dp_size,
-                      "local_experts": dims.local_experts, "global_batch": dims.global_batch}))
+    # One write() per line: both ranks share torchrun's stdout pipe, and with PYTHONUNBUFFERED print()
+    # writes the text and the newline separately, so two ranks' lines could run together.
+    line = json.dumps({"rank": ctx.rank, **dataclasses.asdict(dims), "expert_dp_size": dims.expert_dp_size,
+                       "local_experts": dims.local_experts, "global_batch": dims.global_batch})
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
     shutdown(ctx)
 
 

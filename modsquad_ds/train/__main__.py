@@ -86,6 +86,7 @@ def main(argv=None) -> int:
 
     from modsquad_ds.dist.bootstrap import init_distributed, seed_everything, shutdown
     from modsquad_ds.dist.watchdog import EXIT_NONFINITE, die, fail_fast
+    from modsquad_ds.train.checkpoint import ResumeMismatch
     from modsquad_ds.train.trainer import NonFiniteLoss, Trainer
 
     from deepspeed.utils import logger as ds_logger
@@ -106,6 +107,11 @@ def main(argv=None) -> int:
             result = Trainer(cfg, ds_config, ctx.rank, ctx.world_size).run()
         except NonFiniteLoss as err:
             die(f"rank {ctx.rank}: {err}", EXIT_NONFINITE)
+        except ResumeMismatch as err:
+            if ctx.rank == 0:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+            shutdown(ctx)
+            return 2
         if ctx.rank == 0:
             loss = result.last_scalars.get("loss/total", float("nan"))
             status = "stopped early (run the same command to resume)" if result.stopped_early else "done"

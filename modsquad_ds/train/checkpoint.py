@@ -15,6 +15,7 @@ tensors and plain values and loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -87,8 +88,30 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(engine, root: Path, position: TrainPosition, extra: dict, keep: int) -> Path:
-    """Save on every rank (a collective); returns the complete folder."""
+class ResumeMismatch(ValueError):
+    """The newest checkpoint was made under settings this run cannot continue from."""
+
+
+def check_layout(folder: Path, layout: dict) -> None:
+    """Refuse to resume under a different layout, with one line naming the setting.
+
+    The optimizer shards depend on the world size and ep_size, the loader position on the world
+    size, batch size and workers, the weights on the model and tasks: a mismatch would otherwise
+    surface as a DeepSpeed shape error or, worse, as silently different data order.
+    """
+    path = folder / "layout.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    for key, value in layout.items():
+        if key in saved and saved[key] != value:
+            raise ResumeMismatch(f"{folder} was saved with {key}={saved[key]!r}, this run has {value!r}: "
+                                 f"resuming needs the same {key} (or use --no-resume / another train.out_dir)")
+
+
+def save(engine, root: Path, position: TrainPosition, extra: dict, keep: int, layout: dict) -> Path:
+    """Save on every rank (a collective); returns the complete folder. ``layout``: the settings a
+    resume must match (see :func:`check_layout`)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_for(position.step)
     partial_tag = f".partial-{tag}"
@@ -101,6 +124,8 @@ def save(engine, root: Path, position: TrainPosition, extra: dict, keep: int) ->
     client_state = {"position": asdict(position), **extra}
     engine.save_checkpoint(str(root), tag=partial_tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), root / partial_tag / f"rng_rank{rank:05d}.pt")
+    if rank == 0:
+        (root / partial_tag / "layout.json").write_text(json.dumps({**layout, **asdict(position)}, indent=1))
     _barrier()  # every rank's files are on disk before the folder is declared complete
     if rank == 0:
         os.replace(root / partial_tag, root / tag)
@@ -111,11 +136,12 @@ def save(engine, root: Path, position: TrainPosition, extra: dict, keep: int) ->
     return root / tag
 
 
-def load_latest(engine, root: Path) -> Optional[tuple[TrainPosition, dict]]:
+def load_latest(engine, root: Path, layout: dict) -> Optional[tuple[TrainPosition, dict]]:
     """Load the newest complete checkpoint into ``engine`` (a collective); None if there is none."""
     found = complete_checkpoints(root)
     if not found:
         return None
+    check_layout(found[-1], layout)
     tag = found[-1].name
     rank = dist.get_rank() if dist.is_initialized() else 0
     path, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,

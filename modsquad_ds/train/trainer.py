@@ -106,9 +106,17 @@ class Trainer:
             save_config(self.cfg, self.out_dir / "config.yaml")
             save_ds_config(self.ds_config, self.out_dir / "ds_config.json")
 
+    def layout(self) -> dict:
+        """Settings a resumed run must share with the run that saved (checkpoint.check_layout)."""
+        cfg = self.cfg
+        return {"world_size": self.world_size, "train.ep_size": cfg.train.ep_size,
+                "data.batch_size": cfg.data.batch_size, "data.workers": cfg.data.workers,
+                "tasks.names": list(cfg.tasks.names), "model.embed_dim": cfg.model.embed_dim,
+                "model.depth": cfg.model.depth}
+
     def _save(self, engine) -> Path:
         path = checkpoint.save(engine, self.ckpt_dir, self.position, {"usage": self.usage.state_dict()},
-                               self.cfg.train.keep_checkpoints)
+                               self.cfg.train.keep_checkpoints, self.layout())
         self.saved_step = self.position.step
         tables = self.usage.global_tables()
         if self.rank == 0:
@@ -122,7 +130,7 @@ class Trainer:
         self._write_run_files()
         engine = build_engine(cfg, self.ds_config)
         if t.resume:
-            restored = checkpoint.load_latest(engine, self.ckpt_dir)
+            restored = checkpoint.load_latest(engine, self.ckpt_dir, self.layout())
             if restored is not None:
                 self.position, extra = restored
                 self.saved_step = self.position.step

@@ -198,3 +198,16 @@ def test_every_shipped_deepspeed_config_trains_with_expert_parallelism(shards, t
     losses = _losses(out)
     assert sorted(losses) == [1, 2]
     assert all(math.isfinite(v) for row in losses.values() for v in row.values())
+
+
+def test_resume_under_a_different_layout_is_refused_with_the_setting_named(shards, tmp_path):
+    out = tmp_path / "run"
+    run_ok([python()] + _args(shards, out, "train.ep_size=1", "data.workers=0", "train.stop_after=2"),
+           timeout_s=240)
+    result = run([python()] + _args(shards, out, "train.ep_size=1", "data.workers=0", "data.batch_size=2"),
+                 timeout_s=240)
+    assert result.returncode == 2, result.output[-3000:]
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "data.batch_size=4" in errors[0] and "--no-resume" in errors[0]
+    layout = json.loads((out / "checkpoints" / "step_00000002" / "layout.json").read_text())
+    assert layout["step"] == 2 and layout["world_size"] == 1

@@ -114,10 +114,15 @@ def main(argv=None) -> int:
             return 2
         if ctx.rank == 0:
             loss = result.last_scalars.get("loss/total", float("nan"))
-            status = "stopped early (run the same command to resume)" if result.stopped_early else "done"
-            print(f"{status}: step {result.position.step}, loss {loss:.4f}, "
-                  f"{result.images_per_second:.1f} images/s, first step after "
-                  f"{result.seconds_to_first_step:.1f}s\n"
+            if result.steps_run == 0:
+                summary = (f"nothing to do: the run in {result.out_dir} is complete at step "
+                           f"{result.position.step} (raise train.steps to go on)")
+            else:
+                status = "stopped early (run the same command to resume)" if result.stopped_early else "done"
+                summary = (f"{status}: step {result.position.step}, loss {loss:.4f}, "
+                           f"{result.images_per_second:.1f} images/s, first step after "
+                           f"{result.seconds_to_first_step:.1f}s")
+            print(f"{summary}\n"
                   f"run folder: {result.out_dir}\n"
                   f"checkpoint: {result.checkpoint}\n"
                   f"logs: tensorboard --logdir {result.out_dir / 'tensorboard'}", flush=True)

@@ -50,6 +50,8 @@ class RunResult:
     seconds_to_first_step: float = 0.0
     images_per_second: float = 0.0
     checkpoint: Path | None = None
+    steps_run: int = 0
+    """Optimizer steps taken by this invocation."""
     stopped_early: bool = False
     """Ended by train.stop_after or SIGTERM before train.steps; resume to continue."""
 
@@ -186,6 +188,7 @@ class Trainer:
                 if not boundary:
                     continue
                 pos.step += 1
+                result.steps_run += 1
                 if not result.seconds_to_first_step:
                     result.seconds_to_first_step = time.perf_counter() - started
                 scalars = None

@@ -139,7 +139,7 @@ def ref_name(name: str, module) -> str:
     return reference_key(name)
 
 
-def check_equivalence(rank: int, world: int) -> dict:
+def check_equivalence(rank: int, world: int, ep_size: int | None = None, cases: str | None = None) -> dict:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
 
@@ -147,13 +147,16 @@ def check_equivalence(rank: int, world: int) -> dict:
 
     lr, wd = 1e-3, 0.05
     results = {}
+    ep_size = ep_size or world
     for stage, noise in [(0, False), (0, True), (1, True), (2, True)]:
         key = f"zero{stage}_noise{int(noise)}"
+        if cases and key not in cases.split(","):
+            continue
         cfg = config(noise)
         batch = global_batch(cfg)
         with global_noise(0, 1):
             out_ref, stats_ref, grads_ref, params_ref = reference_step(cfg, batch, lr, wd)
-        engine = ep_engine(cfg, stage, ep_size=world, micro_batch=GLOBAL_BATCH // world, lr=lr, wd=wd)
+        engine = ep_engine(cfg, stage, ep_size=ep_size, micro_batch=GLOBAL_BATCH // world, lr=lr, wd=wd)
         module = engine.module
         local = shard(batch, rank, world)
         with global_noise(rank, world):
@@ -309,7 +312,9 @@ def main() -> None:
     ds_logging.logger.setLevel("WARNING")
     t_init = time.perf_counter() - T0
     if check == "equivalence":
-        record = check_equivalence(ctx.rank, ctx.world_size)
+        # optional: ep_size (default: the world size) and a comma-separated subset of the cases
+        ep_size = int(sys.argv[3]) if len(sys.argv) > 3 else None
+        record = check_equivalence(ctx.rank, ctx.world_size, ep_size, sys.argv[4] if len(sys.argv) > 4 else None)
     elif check == "checkpoint":
         record = check_checkpoint(ctx.rank, ctx.world_size, out_dir)
     else:

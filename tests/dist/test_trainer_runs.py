@@ -211,3 +211,40 @@ def test_resume_under_a_different_layout_is_refused_with_the_setting_named(shard
     assert len(errors) == 1 and "data.batch_size=4" in errors[0] and "--no-resume" in errors[0]
     layout = json.loads((out / "checkpoints" / "step_00000002" / "layout.json").read_text())
     assert layout["step"] == 2 and layout["world_size"] == 1
+
+
+def test_signals_save_on_demand_and_stop_cleanly(shards, tmp_path):
+    """SIGUSR1: checkpoint at the next step and go on; SIGTERM (Slurm's time limit): save and stop."""
+    out = tmp_path / "run"
+    metrics = out / "metrics.jsonl"
+    proc = subprocess.Popen([python()] + _args(shards, out, "train.ep_size=1", "data.workers=0",
+                                               "train.steps=100000", "train.warmup_steps=0"),
+                            env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, cwd=Path(__file__).parents[2])
+
+    def logged_steps() -> int:
+        return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+    def wait_for(condition, what: str) -> None:
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.2)
+
+    try:
+        wait_for(lambda: logged_steps() >= 2, "training to start")
+        os.kill(proc.pid, signal.SIGUSR1)
+        wait_for(lambda: (out / "checkpoints" / "latest").is_file(), "the on-demand checkpoint")
+        first = (out / "checkpoints" / "latest").read_text()
+        wait_for(lambda: logged_steps() >= int(first.split("_")[1]) + 2, "training to go on")
+        os.kill(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    assert "stopped early" in output
+    last = (out / "checkpoints" / "latest").read_text()
+    assert int(last.split("_")[1]) > int(first.split("_")[1])
+    assert int(last.split("_")[1]) == logged_steps(), "the stop checkpoint is the last step taken"

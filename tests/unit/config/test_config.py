@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -76,3 +78,11 @@ def test_bad_yaml_file_is_named(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config([bad])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[3] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_run_file_loads(path):
+    cfg = load_config([path])
+    assert cfg.data.source_path()  # names its data
+    assert to_dict(load_config([path])) == to_dict(cfg)

@@ -69,6 +69,7 @@ SlurmctldLogFile=$dir/log/slurmctld.log
 SlurmdLogFile=$dir/log/slurmd.log
 CONF
     export SLURM_CONF="$dir/slurm.conf"
+    # the daemons find the config through the environment (recorded in /proc/PID/environ: see stop)
     munged --key-file "$dir/munge/munge.key" --socket "$dir/munge/munge.socket" \
         --pid-file "$dir/munge/munged.pid" --log-file "$dir/log/munged.log" --seed-file "$dir/munge/seed" --force
     slurmctld -i
@@ -84,11 +85,37 @@ CONF
     return 1
 }
 
+# PIDs of every process of the cluster in DIR: the daemons and the slurmstepd of its jobs all carry
+# its SLURM_CONF in their environment (slurmstepd is reparented to init, so no process tree helps).
+cluster_pids() {
+    local conf="SLURM_CONF=$1/slurm.conf" pid
+    for pid in $(pgrep -x 'slurmd|slurmctld|slurmstepd' 2>/dev/null; pgrep -f '^slurmstepd' 2>/dev/null); do
+        if tr '\0' '\n' 2>/dev/null < "/proc/$pid/environ" | grep -qx "$conf"; then
+            echo "$pid"
+        fi
+    done | sort -u
+}
+
 stop() {
-    local dir=$1
-    for pidfile in "$dir/slurmd.pid" "$dir/slurmctld.pid" "$dir/munge/munged.pid"; do
-        [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+    local dir; dir=$(cd "$1" && pwd)
+    export SLURM_CONF="$dir/slurm.conf"
+    # Jobs first, while munge is still up: a job step reports its end through munge, and a step that
+    # cannot keeps its slurmd from exiting.
+    scancel --user "$(id -un)" 2>/dev/null || true
+    for _ in $(seq 1 50); do
+        [ -z "$(squeue -h 2>/dev/null)" ] && break
+        sleep 0.2
     done
+    local pids; pids=$(cluster_pids "$dir")
+    [ -n "$pids" ] && kill $pids 2>/dev/null
+    for _ in $(seq 1 50); do
+        pids=$(cluster_pids "$dir")
+        [ -z "$pids" ] && break
+        sleep 0.2
+    done
+    [ -n "$pids" ] && kill -9 $pids 2>/dev/null
+    [ -f "$dir/munge/munged.pid" ] && kill "$(cat "$dir/munge/munged.pid")" 2>/dev/null
+    return 0
 }
 
 case "$cmd" in

@@ -32,7 +32,7 @@ def slurm_env(tmp_path_factory):
         env.pop(key, None)
     yield env
     subprocess.run(["scancel", "--user", "root"], env=env, timeout=30)
-    subprocess.run(["bash", str(CLUSTER), "stop", str(state)], timeout=30)
+    subprocess.run(["bash", str(CLUSTER), "stop", str(state)], check=True, timeout=60)
 
 
 @pytest.fixture(scope="module")

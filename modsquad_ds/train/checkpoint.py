@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from modsquad_ds.dist.collectives import is_distributed
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -84,7 +86,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.barrier()
 
 

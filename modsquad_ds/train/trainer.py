@@ -8,7 +8,6 @@ whole global batch). DeepSpeed averages gradients, accumulates micro steps and c
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch.distributed as dist
 from modsquad_ds.config.loader import save_config
 from modsquad_ds.config.schema import RunConfig
 from modsquad_ds.data.loader import build_train_loader
-from modsquad_ds.dist.collectives import all_finite, all_reduce_scalar, all_reduce_sum_autograd
+from modsquad_ds.dist.collectives import all_finite, all_reduce_scalar, all_reduce_sum_autograd, is_distributed
 from modsquad_ds.dist.ds_config import save_ds_config
 from modsquad_ds.model.factory import build_model
 from modsquad_ds.model.objective import MultiTaskObjective
@@ -31,8 +30,6 @@ from modsquad_ds.train.module import TrainModule
 from modsquad_ds.train.schedule import lr_lambda
 from modsquad_ds.train.signals import StopRequests
 from modsquad_ds.train.usage import UsageAccumulator, plot_usage, write_usage
-
-log = logging.getLogger("modsquad_ds.train")
 
 # Embeddings, norms and biases take no weight decay (as timm / DeiT train ViTs).
 NO_DECAY = ("pos_embed", "cls_token", "task_embed", "log_vars")
@@ -85,8 +82,9 @@ def build_engine(cfg: RunConfig, ds_config: dict):
 
 def _mean_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
     keys = sorted(sums)
-    values = torch.stack([sums[k].float().cpu() for k in keys]) / max(count, 1)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    # reduced where the stats live: NCCL reduces CUDA tensors only
+    values = torch.stack([sums[k].float() for k in keys]) / max(count, 1)
+    if is_distributed():
         dist.all_reduce(values)
         values /= dist.get_world_size()
     return dict(zip(keys, values.tolist()))

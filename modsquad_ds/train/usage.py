@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from modsquad_ds.dist.collectives import is_distributed
 from modsquad_ds.moe.stats import RoutingStats
 
 
@@ -36,7 +37,7 @@ class UsageAccumulator:
         out = {}
         for name, entry in self.layers.items():
             counts, tokens = entry["counts"].clone(), entry["tokens"].clone()
-            if dist.is_initialized() and dist.get_world_size() > 1:
+            if is_distributed():
                 dist.all_reduce(counts)
                 dist.all_reduce(tokens)
             out[name] = {"kind": entry["kind"], "top_k": entry["top_k"], "counts": counts.cpu(),

@@ -161,11 +161,17 @@ def seed_everything(seed: int, rank: int = 0, per_rank: bool = False) -> int:
     return used
 
 
+def plan_launch(cfg: "RunConfig", ds_config: Optional[dict] = None) -> tuple[LaunchEnv, ParallelDims]:
+    """Who this rank is and the validated parallel layout, without any process group: a bad layout
+    raises ConfigError here, before a rank can wait for peers."""
+    launch = launch_env.resolve()
+    return launch, ParallelDims.from_config(cfg, launch.world_size, ds_config)
+
+
 def setup(cfg: "RunConfig", ds_config: Optional[dict] = None) -> tuple[DistContext, ParallelDims]:
     """Resolve the launch, validate the layout (ConfigError before any process group starts),
     initialise the process group and seed. ``ds_config``: the resolved DeepSpeed dict, if any."""
-    launch = launch_env.resolve()
-    dims = ParallelDims.from_config(cfg, launch.world_size, ds_config)
+    launch, dims = plan_launch(cfg, ds_config)
     ctx = init_distributed(launch, timeout_s=cfg.train.dist_timeout_s,
                            heartbeat_timeout_s=cfg.train.heartbeat_timeout_s)
     seed_everything(cfg.seed)

@@ -48,9 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def validate_before_launch(cfg):
     """Everything that can be checked without talking to other ranks; raises ConfigError."""
     from modsquad_ds.data.shard_index import index_path
-    from modsquad_ds.dist import env as launch_env
+    from modsquad_ds.dist.bootstrap import plan_launch
     from modsquad_ds.dist.ds_config import ds_config_for_run
-    from modsquad_ds.dist.parallel import ParallelDims
 
     ds_config = ds_config_for_run(cfg)
     source = cfg.data.source_path()
@@ -59,9 +58,7 @@ def validate_before_launch(cfg):
                           "(write shards with python -m data_tools.make_shards)")
     if cfg.data.source == "raw" and not os.path.isdir(source):
         raise ConfigError("data.raw_root", f"folder not found: {source}")
-    launch = launch_env.resolve()
-    dims = ParallelDims.from_config(cfg, launch.world_size, ds_config)
-    return ds_config, launch, dims
+    return (ds_config, *plan_launch(cfg, ds_config))
 
 
 def _cuda_available() -> bool:

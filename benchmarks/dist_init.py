@@ -1,4 +1,4 @@
-"""Start-up time of modsquad_ds.dist.bootstrap.init_distributed with and without the shm-op skip.
+"""Start-up time of modsquad_ds.distributed.bootstrap.init_distributed with and without the shm-op skip.
 
 Each variant runs in a fresh process (1 rank) with an empty TORCH_EXTENSIONS_DIR, so "built" is the
 cold-cache cost every new machine or container pays; a second "built" run shows the warm-cache cost.
@@ -16,7 +16,7 @@ import time
 CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
-from modsquad_ds.dist.bootstrap import init_distributed, shutdown
+from modsquad_ds.distributed.bootstrap import init_distributed, shutdown
 ctx = init_distributed(heartbeat_timeout_s=0)
 print(json.dumps({"init_seconds": ctx.init_seconds, "shm_op_skipped": ctx.shm_op_skipped,
                   "since_start": time.perf_counter() - t0}))

@@ -42,7 +42,7 @@ def _worker(out: Path) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from modsquad_ds.dist.bootstrap import init_distributed
+    from modsquad_ds.distributed.bootstrap import init_distributed
 
     ctx = init_distributed(timeout_s=300, heartbeat_timeout_s=0)
     import deepspeed
@@ -105,7 +105,7 @@ def _worker(out: Path) -> None:
 
 
 def _run_ranks(world: int = 2) -> dict:
-    from modsquad_ds.dist.env import free_port
+    from modsquad_ds.distributed.env import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port("127.0.0.1")

@@ -1,4 +1,4 @@
-"""The ``train`` section of the run configuration (owned by modsquad_ds.train / modsquad_ds.dist).
+"""The ``train`` section of the run configuration (owned by modsquad_ds.train / modsquad_ds.distributed).
 
 DeepSpeed settings live in a JSON under ds_configs/ (``ds_config``); the fields below marked
 "overrides" replace the JSON's value when set and leave it alone when null, so one JSON serves every

@@ -318,7 +318,7 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, eps: float = 1e-6) -> to
     For ZeRO stage 0, where DeepSpeed 0.19.8's own clipping (``runtime.utils.clip_grad_norm_``) averages
     the per-rank norms over the data-parallel group: each rank's norm holds only its own experts, so
     with ``ep_size > 1`` the clip norm misses the other ranks' experts (ZeRO 1/2 sum the partitioned
-    norms over all ranks and are right; tests/dist/test_ep_equivalence.py checks both). Use it with
+    norms over all ranks and are right; tests/distributed/test_ep_equivalence.py checks both). Use it with
     ``gradient_clipping: 0`` in the DeepSpeed config, after ``engine.backward`` (grads are reduced
     there) and before ``engine.step``. A collective: every rank must call it.
     """

@@ -48,8 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def validate_before_launch(cfg):
     """Everything that can be checked without talking to other ranks; raises ConfigError."""
     from modsquad_ds.data.shard_index import index_path
-    from modsquad_ds.dist.bootstrap import plan_launch
-    from modsquad_ds.dist.ds_config import ds_config_for_run
+    from modsquad_ds.distributed.bootstrap import plan_launch
+    from modsquad_ds.distributed.ds_config import ds_config_for_run
 
     ds_config = ds_config_for_run(cfg)
     source = cfg.data.source_path()
@@ -81,8 +81,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from modsquad_ds.dist.bootstrap import init_distributed, seed_everything, shutdown
-    from modsquad_ds.dist.watchdog import EXIT_NONFINITE, die, fail_fast
+    from modsquad_ds.distributed.bootstrap import init_distributed, seed_everything, shutdown
+    from modsquad_ds.distributed.watchdog import EXIT_NONFINITE, die, fail_fast
     from modsquad_ds.train.checkpoint import ResumeMismatch
     from modsquad_ds.train.trainer import NonFiniteLoss, Trainer
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from modsquad_ds.dist.collectives import is_distributed
+from modsquad_ds.distributed.collectives import is_distributed
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from modsquad_ds.config.loader import save_config
 from modsquad_ds.config.schema import RunConfig
 from modsquad_ds.data.loader import build_train_loader
-from modsquad_ds.dist.collectives import all_finite, all_reduce_scalar, all_reduce_sum_autograd, is_distributed
-from modsquad_ds.dist.ds_config import save_ds_config
+from modsquad_ds.distributed.collectives import all_finite, all_reduce_scalar, all_reduce_sum_autograd, is_distributed
+from modsquad_ds.distributed.ds_config import save_ds_config
 from modsquad_ds.model.factory import build_model
 from modsquad_ds.model.objective import MultiTaskObjective
 from modsquad_ds.moe.ds_adapter import clip_grad_norm_, convert_to_expert_parallel, moe_param_groups
@@ -58,7 +58,7 @@ def manual_clip_norm(cfg: RunConfig, ds_config: dict) -> float:
 
     DeepSpeed 0.19.8 at ZeRO 0 clips with the average of per-rank norms that each miss the other
     ranks' experts, so with ep_size > 1 it clips to the wrong norm (ZeRO 1/2 are right); see
-    moe.ds_adapter.clip_grad_norm_ and tests/dist/test_ep_equivalence.py.
+    moe.ds_adapter.clip_grad_norm_ and tests/distributed/test_ep_equivalence.py.
     """
     zero = ds_config.get("zero_optimization", {}).get("stage", 0)
     clip = float(ds_config.get("gradient_clipping", 0.0))

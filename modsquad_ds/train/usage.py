@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from modsquad_ds.dist.collectives import is_distributed
+from modsquad_ds.distributed.collectives import is_distributed
 from modsquad_ds.moe.stats import RoutingStats
 
 

@@ -1,6 +1,6 @@
 """Expert parallelism on DeepSpeed's MoE machinery equals one process (2 gloo ranks, ep_size 2).
 
-One 2-rank run (tests/dist/scripts/ep_worker.py) builds, on every rank, the single-process reference
+One 2-rank run (tests/distributed/scripts/ep_worker.py) builds, on every rank, the single-process reference
 on the whole global batch and a real DeepSpeed engine (AdamW client optimizer with DeepSpeed's MoE
 parameter groups) on that rank's half of the images, at ZeRO 0, 1 and 2, with router noise off and
 on (one global, seeded noise stream sliced per rank). It reports differences; this file asserts them.

@@ -21,7 +21,7 @@ rank must contribute g_r = W . dL/dG . dT_r/dtheta.
   sum-all-reduce, so it stays right if ranks ever weight their copies of L differently: the step then
   follows the mean over ranks of the L_s, as it does for every other loss term.
 
-tests/dist/test_global_mi.py checks both claims numerically: a real DeepSpeed engine on 2 gloo ranks
+tests/distributed/test_global_mi.py checks both claims numerically: a real DeepSpeed engine on 2 gloo ranks
 gives the 1-process gradient on the concatenated batch with this function and half of it with an
 identity backward.
 """

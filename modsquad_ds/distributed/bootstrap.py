@@ -27,10 +27,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from modsquad_ds.dist import env as launch_env
-from modsquad_ds.dist.env import LaunchEnv
-from modsquad_ds.dist.parallel import ParallelDims
-from modsquad_ds.dist.watchdog import Heartbeat
+from modsquad_ds.distributed import env as launch_env
+from modsquad_ds.distributed.env import LaunchEnv
+from modsquad_ds.distributed.parallel import ParallelDims
+from modsquad_ds.distributed.watchdog import Heartbeat
 
 if TYPE_CHECKING:
     from modsquad_ds.config.schema import RunConfig

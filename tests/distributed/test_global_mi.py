@@ -4,7 +4,7 @@ through a real DeepSpeed engine (which averages gradients over ranks)."""
 import pytest
 
 from _launch import BIN, records, run_ok, script
-from modsquad_ds.dist.env import free_port
+from modsquad_ds.distributed.env import free_port
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(150)]
 

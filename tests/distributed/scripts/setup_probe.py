@@ -1,7 +1,7 @@
 """The trainer's start-up sequence on a RunConfig: resolve the launch, validate the layout, start the
 process group. Prints one JSON line with the ParallelDims, or the ConfigError and exit code 2.
 
-Usage: <launcher> tests/dist/scripts/setup_probe.py [--set key=value ...]
+Usage: <launcher> tests/distributed/scripts/setup_probe.py [--set key=value ...]
 """
 
 import argparse
@@ -10,8 +10,8 @@ import json
 import sys
 
 from modsquad_ds.config import ConfigError, load_config
-from modsquad_ds.dist.bootstrap import setup, shutdown
-from modsquad_ds.dist.ds_config import ds_config_for_run
+from modsquad_ds.distributed.bootstrap import setup, shutdown
+from modsquad_ds.distributed.ds_config import ds_config_for_run
 
 
 def main() -> None:

@@ -149,7 +149,7 @@ def test_killed_rank_ends_the_job_within_bounded_time(shards, tmp_path):
                 os.killpg(p.pid, signal.SIGKILL)
     assert procs[0].returncode not in (0, None)
     assert ended_after < 60, f"survivor took {ended_after:.0f} s"
-    assert "[modsquad_ds.dist]" in output, output[-3000:]
+    assert "[modsquad_ds.distributed]" in output, output[-3000:]
 
 
 def test_nan_storm_ends_every_rank_with_a_clear_message(shards, tmp_path):
@@ -172,7 +172,7 @@ def test_single_process_nan_storm_exit_code(shards, tmp_path):
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "mpiexec"])
 def test_training_runs_unchanged_under_other_launchers(shards, tmp_path, launcher):
-    from modsquad_ds.dist.env import free_port
+    from modsquad_ds.distributed.env import free_port
 
     out = tmp_path / launcher
     args = _args(shards, out, "train.ep_size=2", "data.workers=0", "train.steps=3")

@@ -3,8 +3,8 @@
 import pytest
 
 from modsquad_ds.config import ConfigError, load_config
-from modsquad_ds.dist.ds_config import ds_config_for_run
-from modsquad_ds.dist.parallel import ParallelDims
+from modsquad_ds.distributed.ds_config import ds_config_for_run
+from modsquad_ds.distributed.parallel import ParallelDims
 
 
 def test_derived_sizes():

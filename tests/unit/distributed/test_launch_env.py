@@ -2,7 +2,7 @@
 
 import pytest
 
-from modsquad_ds.dist.env import (LaunchEnv, LaunchError, detect, expand_nodelist, export, first_host,
+from modsquad_ds.distributed.env import (LaunchEnv, LaunchError, detect, expand_nodelist, export, first_host,
                                   slurm_port)
 
 

@@ -1,6 +1,6 @@
 """A rank that runs until a peer dies, for the killed-rank tests.
 
-Usage: <launcher or env> tests/dist/scripts/kill_probe.py OUT MODE [HEARTBEAT_S]
+Usage: <launcher or env> tests/distributed/scripts/kill_probe.py OUT MODE [HEARTBEAT_S]
   MODE collective: all-reduce in a loop inside fail_fast (a dead peer breaks the collective)
   MODE compute:    never communicate (a long computation or data wait): only the heartbeat notices
 Writes OUT/ready{rank} (with its pid) once the process group is up, then loops until killed.
@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from modsquad_ds.dist.bootstrap import init_distributed
-from modsquad_ds.dist.watchdog import fail_fast
+from modsquad_ds.distributed.bootstrap import init_distributed
+from modsquad_ds.distributed.watchdog import fail_fast
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from _launch import BIN, REPO, base_env, python, records, run_ok, script
-from modsquad_ds.dist.env import free_port
+from modsquad_ds.distributed.env import free_port
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(150)]
 

@@ -87,7 +87,7 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, cfg: "RunConfig", world_size: int, ds_config: Optional[dict] = None) -> "ParallelDims":
-        """Dims of a run; ``ds_config`` (from :func:`modsquad_ds.dist.ds_config.ds_config_for_run`)
+        """Dims of a run; ``ds_config`` (from :func:`modsquad_ds.distributed.ds_config.ds_config_for_run`)
         supplies the resolved ZeRO stage, precision and accumulation when given."""
         mlp = cfg.moe.mlp
         if not mlp.enabled and cfg.train.ep_size != 1:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from _launch import BIN, base_env, python, run, run_ok, script
-from modsquad_ds.dist.env import free_port
+from modsquad_ds.distributed.env import free_port
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(120)]
 

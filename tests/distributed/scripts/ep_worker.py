@@ -1,4 +1,4 @@
-"""One rank of the expert-parallel equivalence checks (run by tests/dist/test_ep_equivalence.py).
+"""One rank of the expert-parallel equivalence checks (run by tests/distributed/test_ep_equivalence.py).
 
 Usage: ep_worker.py OUT CHECK   with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set.
 
@@ -143,7 +143,7 @@ def check_equivalence(rank: int, world: int, ep_size: int | None = None, cases: 
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
 
-    from modsquad_ds.dist.collectives import all_reduce_sum_autograd
+    from modsquad_ds.distributed.collectives import all_reduce_sum_autograd
 
     lr, wd = 1e-3, 0.05
     results = {}
@@ -304,7 +304,7 @@ def check_checkpoint(rank: int, world: int, out_dir: Path) -> dict:
 
 def main() -> None:
     out_dir, check = Path(sys.argv[1]), sys.argv[2]
-    from modsquad_ds.dist.bootstrap import init_distributed
+    from modsquad_ds.distributed.bootstrap import init_distributed
 
     ctx = init_distributed(timeout_s=120, heartbeat_timeout_s=0)
     import deepspeed.utils.logging as ds_logging

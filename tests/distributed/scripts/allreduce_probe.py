@@ -1,7 +1,7 @@
-"""Start the process group through modsquad_ds.dist under whatever launcher runs this script, do one
+"""Start the process group through modsquad_ds.distributed under whatever launcher runs this script, do one
 all-reduce, and write what this rank saw to OUT/rank{r}.json.
 
-Usage: <launcher> tests/dist/scripts/allreduce_probe.py OUT [--local_rank N]
+Usage: <launcher> tests/distributed/scripts/allreduce_probe.py OUT [--local_rank N]
 (the deepspeed launcher appends --local_rank; it is accepted and checked against LOCAL_RANK).
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from modsquad_ds.dist.bootstrap import init_distributed, shutdown
-from modsquad_ds.dist.collectives import all_finite, all_reduce_scalar, any_rank
+from modsquad_ds.distributed.bootstrap import init_distributed, shutdown
+from modsquad_ds.distributed.collectives import all_finite, all_reduce_scalar, any_rank
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ def die(message: str, code: int = EXIT_PEER_LOST) -> None:
     a dead peer. Used from the heartbeat thread too, where an exception would only end the thread."""
     try:
         sys.stdout.flush()
-        print(f"[modsquad_ds.dist] {message}", file=sys.stderr, flush=True)
+        print(f"[modsquad_ds.distributed] {message}", file=sys.stderr, flush=True)
     finally:
         os._exit(code)
 

@@ -7,7 +7,7 @@ update is the clipped gradient, so its norm must equal gradient_clipping when th
 counting expert gradients too little or twice in the global norm breaks that equality (upstream
 bugs: DeepSpeed PR #5259, issues #8469, #8475).
 
-Usage: <launcher> tests/dist/scripts/ds_config_probe.py OUT CONFIG.json [CONFIG.json ...]
+Usage: <launcher> tests/distributed/scripts/ds_config_probe.py OUT CONFIG.json [CONFIG.json ...]
 """
 
 import argparse
@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from modsquad_ds.dist.bootstrap import init_distributed, seed_everything, shutdown
-from modsquad_ds.dist.ds_config import load_ds_config
+from modsquad_ds.distributed.bootstrap import init_distributed, seed_everything, shutdown
+from modsquad_ds.distributed.ds_config import load_ds_config
 
 DIM, EXPERTS_PER_RANK, MICRO, ACCUM, CLIP = 8, 2, 4, 2, 1.0
 

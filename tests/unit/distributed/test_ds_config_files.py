@@ -5,7 +5,7 @@ import json
 import pytest
 
 from modsquad_ds.config import ConfigError, load_config
-from modsquad_ds.dist.ds_config import (SHIPPED_DIR, apply_overrides, ds_config_for_run, load_ds_config,
+from modsquad_ds.distributed.ds_config import (SHIPPED_DIR, apply_overrides, ds_config_for_run, load_ds_config,
                                         shipped_configs)
 
 EXPECTED = {"zero0_fp32.json", "zero1_fp32.json", "zero1_bf16.json", "zero2_fp32.json", "zero2_bf16.json"}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from modsquad_ds.config.schema import ConfigError
-from modsquad_ds.dist.parallel import ZERO3_REFUSAL
+from modsquad_ds.distributed.parallel import ZERO3_REFUSAL
 
 if TYPE_CHECKING:
     from modsquad_ds.config.schema import RunConfig
@@ -113,7 +113,7 @@ def validate(config: dict, source: str, moe: bool = True) -> None:
         fail("fp16.enabled", "fp16 is not supported (no loss scaling for MoE here, no fp16 on CPU): "
              "use train.precision bf16 or fp32")
     if moe and stage == 0 and config.get("bf16", {}).get("enabled", False) and clip > 0:
-        # Measured (tests/dist/test_ds_config_engines.py history, DeepSpeed 0.19.8): without ZeRO,
+        # Measured (tests/distributed/test_ds_config_engines.py history, DeepSpeed 0.19.8): without ZeRO,
         # bf16 runs through BF16_Optimizer, whose clipping norm came out equal to the norm of the
         # dense gradients alone (931.6 vs 976.8 with the expert gradients), so the step exceeded
         # the limit by 4.8 %. ZeRO 1 and 2 in bf16 clip to the limit exactly.

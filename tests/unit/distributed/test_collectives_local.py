@@ -2,8 +2,8 @@
 
 import torch
 
-from modsquad_ds.dist.collectives import all_finite, all_reduce_scalar, all_reduce_sum_autograd, any_rank
-from modsquad_ds.dist.watchdog import is_comm_failure
+from modsquad_ds.distributed.collectives import all_finite, all_reduce_scalar, all_reduce_sum_autograd, any_rank
+from modsquad_ds.distributed.watchdog import is_comm_failure
 
 
 def test_autograd_all_reduce_is_identity_without_a_group():

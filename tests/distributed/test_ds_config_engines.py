@@ -4,8 +4,8 @@ experts split over the ranks (ep_size 2), with gradient accumulation and clippin
 import pytest
 
 from _launch import BIN, python, records, run_ok, script
-from modsquad_ds.dist.ds_config import shipped_configs
-from modsquad_ds.dist.env import free_port
+from modsquad_ds.distributed.ds_config import shipped_configs
+from modsquad_ds.distributed.env import free_port
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(200)]
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from modsquad_ds.dist.env import free_port
+from modsquad_ds.distributed.env import free_port
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 

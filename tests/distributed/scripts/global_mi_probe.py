@@ -6,7 +6,7 @@ loss of the global table. The engine's backward averages gradients over ranks (Z
 the gradient it leaves is what DeepSpeed would step with. Each rank also computes the 1-process
 reference on the whole batch and writes the comparison to OUT/rank{r}.json.
 
-Usage: torchrun --nproc_per_node 2 tests/dist/scripts/global_mi_probe.py OUT
+Usage: torchrun --nproc_per_node 2 tests/distributed/scripts/global_mi_probe.py OUT
 """
 
 import argparse
@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from modsquad_ds.dist.bootstrap import init_distributed, seed_everything, shutdown
-from modsquad_ds.dist.collectives import all_reduce_sum_autograd
-from modsquad_ds.dist.ds_config import load_ds_config
+from modsquad_ds.distributed.bootstrap import init_distributed, seed_everything, shutdown
+from modsquad_ds.distributed.collectives import all_reduce_sum_autograd
+from modsquad_ds.distributed.ds_config import load_ds_config
 
 TASKS, EXPERTS, DIM, TOKENS, GLOBAL_BATCH = 3, 5, 6, 4, 8
 

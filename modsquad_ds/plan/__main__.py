@@ -1,0 +1,188 @@
+"""Plan a cluster run before paying for it: memory per GPU, micro batch, all-to-all, throughput.
+
+    python -m modsquad_ds.plan --preset base --gpus 240 --gpu-mem-gib 80 --global-batch 1440
+    python -m modsquad_ds.plan --config run.yaml --gpus 64 --gpu-mem-gib 32 --global-batch 512 --dtype fp32
+    python -m modsquad_ds.plan --preset tiny --gpus 1 --gpu-mem-gib 1 --global-batch 8 --calibrate
+
+For every ep_size candidate (divisors of moe.mlp.num_experts that divide --gpus, or those given) it
+prints one row: model state per GPU (weights, fp32 master partition, Adam moments, gradients),
+activations per image, the largest micro batch that fits with its accumulation, the peak, the
+all-to-all bytes per step and their time on --link-gbps, and images/s and GPU-hours when a step time
+is given. Then it names the ep_size it would pick and why. docs/planning.md explains the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from modsquad_ds.plan import comm
+from modsquad_ds.plan.memory import (ParamCounts, activation_bytes_per_image, count_params, peak_bytes,
+                                     state_bytes)
+
+GIB = 2**30
+PAPER_IMAGES = 3_790_000  # Taskonomy images the paper trains on (Sec. 4.1)
+
+
+@dataclass
+class Row:
+    ep_size: int
+    state_gib: dict
+    act_per_image_gib: float
+    micro_batch: int
+    accumulation: int
+    peak_gib: float
+    alltoall_gib: float
+    alltoall_s: float
+    fits: bool
+
+
+def plan_rows(cfg, params: ParamCounts, *, gpus: int, gpu_mem_gib: float, global_batch: int, ep_sizes,
+              zero: int, dtype: str, link_gbps: float, capacity_factor: float, reserve_gib: float) -> list[Row]:
+    if global_batch % gpus:
+        raise SystemExit(f"error: --global-batch ({global_batch}) must be a multiple of --gpus ({gpus})")
+    per_gpu = global_batch // gpus
+    act = activation_bytes_per_image(cfg, dtype, capacity_factor)
+    budget = (gpu_mem_gib - reserve_gib) * GIB
+    rows = []
+    for ep in ep_sizes:
+        st = state_bytes(params, world=gpus, ep_size=ep, zero=zero, dtype=dtype)
+        fitting = [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0 and peak_bytes(st, m * act) <= budget]
+        micro = fitting[0] if fitting else 1
+        accum = per_gpu // micro
+        a2a = comm.alltoall(cfg, micro_batch=micro, accumulation=accum, ep_size=ep, dtype=dtype,
+                            capacity_factor=capacity_factor)
+        rows.append(Row(ep, {"weights": st.weights / GIB, "master": st.master / GIB, "adam": st.adam / GIB,
+                             "grads": st.grads / GIB}, act / GIB, micro, accum,
+                        peak_bytes(st, micro * act) / GIB, a2a.bytes_per_step / GIB,
+                        comm.seconds(a2a.sent_per_step, link_gbps), bool(fitting)))
+    return rows
+
+
+def pick(rows: list[Row]) -> tuple[Row, str]:
+    """Fewest micro steps (each costs a pass over the weights and launch overheads), then the least
+    all-to-all time, then the smaller ep_size (fewer, larger expert GEMMs)."""
+    fitting = [r for r in rows if r.fits]
+    if not fitting:
+        return None, "no ep_size fits even one image per GPU: use more or larger GPUs, bf16 or ZeRO 2"
+    best = min(fitting, key=lambda r: (r.accumulation, r.alltoall_s, r.ep_size))
+    why = [f"ep_size {best.ep_size}: micro batch {best.micro_batch} x {best.accumulation} accumulation"]
+    if best.ep_size == 1:
+        why.append("the experts fit replicated, so no all-to-all is needed at all")
+    else:
+        why.append(f"{best.alltoall_s * 1e3:.0f} ms of all-to-all per step")
+    fewer = [r for r in fitting if r.ep_size < best.ep_size]
+    if fewer:
+        why.append("smaller ep_size needs more accumulation steps "
+                   f"({', '.join(f'ep {r.ep_size}: {r.accumulation}' for r in fewer)})")
+    return best, "; ".join(why)
+
+
+def format_table(rows: list[Row], step_time_s: Optional[float], global_batch: int, gpus: int,
+                 images: int, epochs: float) -> str:
+    head = ("| ep_size | weights | master | Adam | grads | act/image | micro x accum | peak | "
+            "a2a/step | a2a time | fits |")
+    lines = [head, "|" + "---:|" * 11]
+    for r in rows:
+        s = r.state_gib
+        lines.append(f"| {r.ep_size} | {s['weights']:.2f} | {s['master']:.2f} | {s['adam']:.2f} | {s['grads']:.2f} | "
+                     f"{r.act_per_image_gib:.2f} | {r.micro_batch} x {r.accumulation} | {r.peak_gib:.1f} | "
+                     f"{r.alltoall_gib:.2f} | {r.alltoall_s * 1e3:.0f} ms | {'yes' if r.fits else 'NO'} |")
+    lines.append("(GiB per GPU; a2a: bytes one GPU hands to all_to_all_single per optimizer step, time of the "
+                 "part it sends)")
+    if step_time_s:
+        ips = global_batch / step_time_s
+        hours = images * epochs / ips / 3600
+        lines.append(f"step {step_time_s:.2f} s -> {ips:,.0f} images/s ({ips / gpus:.1f} per GPU); "
+                     f"{epochs:g} epochs of {images:,} images: {hours:.1f} h, {hours * gpus:,.0f} GPU-hours")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m modsquad_ds.plan", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Model: docs/planning.md. Checks: tests/unit/plan, tests/distributed/test_plan_alltoall.py.")
+    p.add_argument("--preset", default=None, help="tiny, small or base (default: the config's, else tiny)")
+    p.add_argument("--config", default=None, help="a run YAML (its model, moe and tasks are planned)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set moe.mlp.num_experts=32")
+    p.add_argument("--gpus", type=int, required=True, help="total GPUs (the world size)")
+    p.add_argument("--gpu-mem-gib", type=float, required=True, help="memory of one GPU in GiB")
+    p.add_argument("--global-batch", type=int, required=True, help="images per optimizer step over all GPUs")
+    p.add_argument("--ep-size", type=int, nargs="*", default=None,
+                   help="ep_size candidates (default: every divisor of the MLP expert count that divides --gpus)")
+    p.add_argument("--zero", type=int, choices=(0, 1, 2), default=1, help="ZeRO stage (default 1)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="training dtype (default bf16)")
+    p.add_argument("--link-gbps", type=float, default=200.0,
+                   help="all-to-all bandwidth per GPU in Gbit/s (default 200: one HDR InfiniBand port per GPU)")
+    p.add_argument("--capacity-factor", type=float, default=1.25,
+                   help="busiest expert's load over the even share, E*C/(k*tokens) (default 1.25)")
+    p.add_argument("--reserve-gib", type=float, default=2.0,
+                   help="memory kept free for the CUDA context, NCCL and fragmentation (default 2)")
+    p.add_argument("--step-time-s", type=float, default=None,
+                   help="measured seconds per optimizer step; gives images/s and GPU-hours")
+    p.add_argument("--images", type=int, default=PAPER_IMAGES, help="training images per epoch (default: paper's 3.79M)")
+    p.add_argument("--epochs", type=float, default=100, help="epochs (default: the paper's 100)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="also run two real training steps on this machine's CPU at the smallest micro batch "
+                        "and print measured against predicted peak and activations")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from modsquad_ds.config import ConfigError, load_config
+
+    try:
+        cfg = load_config([args.config] if args.config else [], preset=args.preset, overrides=args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name in ("gpus", "global_batch"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    experts = cfg.moe.mlp.num_experts
+    ep_sizes = args.ep_size or [e for e in range(1, experts + 1) if experts % e == 0 and args.gpus % e == 0]
+    for ep in ep_sizes:
+        if experts % ep or args.gpus % ep:
+            print(f"error: --ep-size {ep} must divide moe.mlp.num_experts ({experts}) and --gpus ({args.gpus})",
+                  file=sys.stderr)
+            return 2
+    if args.zero == 0 and args.dtype == "bf16":
+        print("error: bf16 needs ZeRO 1 or 2 (ds_configs has no zero0_bf16: see docs/launchers.md)", file=sys.stderr)
+        return 2
+    params = count_params(cfg)
+    print(f"{cfg.preset}: {params.total / 1e6:.1f}M parameters ({params.mlp_experts / 1e6:.1f}M in MLP experts, "
+          f"sharded by ep_size), {len(cfg.tasks.names)} tasks, {args.gpus} GPUs x {args.gpu_mem_gib:g} GiB, "
+          f"global batch {args.global_batch}, ZeRO {args.zero}, {args.dtype}, link {args.link_gbps:g} Gbit/s")
+    rows = plan_rows(cfg, params, gpus=args.gpus, gpu_mem_gib=args.gpu_mem_gib, global_batch=args.global_batch,
+                     ep_sizes=ep_sizes, zero=args.zero, dtype=args.dtype, link_gbps=args.link_gbps,
+                     capacity_factor=args.capacity_factor, reserve_gib=args.reserve_gib)
+    print(format_table(rows, args.step_time_s, args.global_batch, args.gpus, args.images, args.epochs))
+    best, why = pick(rows)
+    print(f"pick: {why}")
+    if args.calibrate:
+        _calibrate(cfg, args)
+    return 0 if best is not None else 1
+
+
+def _calibrate(cfg, args) -> None:
+    from modsquad_ds.distributed.bootstrap import init_distributed
+    from modsquad_ds.plan.measure import measure_step
+
+    init_distributed(heartbeat_timeout_s=0)
+    params = count_params(cfg)
+    st = state_bytes(params, world=1, ep_size=1, zero=args.zero, dtype=args.dtype)
+    act = activation_bytes_per_image(cfg, args.dtype)
+    m = measure_step(cfg, 1, args.zero, args.dtype)
+    predicted = peak_bytes(st, act)
+    print(f"calibration (1 process, micro batch 1, CPU): peak predicted {predicted / 2**20:.1f} MiB, measured "
+          f"{m.peak_bytes / 2**20:.1f} MiB ({predicted / m.peak_bytes:.3f}x); activations predicted "
+          f"{act / 2**20:.1f} MiB, measured {m.saved_activation_bytes / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Measure what the planner predicts: peak memory of a real training step, and activation bytes.
+
+The step is the trainer's own: ``train.trainer.build_engine`` (model, expert-parallel conversion,
+AdamW with MoE parameter groups, a DeepSpeed engine with the given ZeRO stage) on one process.
+
+How CPU peak memory is measured, and why not RSS: ``torch.profiler`` with ``profile_memory=True``
+records every allocation and free of PyTorch's CPU allocator as a ``[memory]`` event with a signed
+byte count. Profiling from before the model is built to after the second step, the running sum of
+those events in time order is exactly the bytes held by tensors at each moment, and its maximum
+during the second step is the step's peak. RSS would add the Python heap, the interpreter, shared
+libraries and glibc's retained free lists (pages freed by ``free`` stay in RSS until trimmed), and
+pages of ``torch.empty`` buffers that were never written are not resident at all: it moves by tens
+of MB between identical runs, more than the tiny preset's whole step. On a GPU,
+``torch.cuda.max_memory_allocated`` counts the same thing (tensor bytes of the caching allocator).
+
+Activation bytes are measured separately with ``torch.autograd.graph.saved_tensors_hooks``: the
+bytes of every distinct storage autograd saves for backward during one forward.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MeasuredStep:
+    before_step_bytes: int
+    """Tensor bytes held between steps 1 and 2: weights, optimizer state, persistent DeepSpeed buffers."""
+    peak_bytes: int
+    """Highest tensor bytes held at any moment of step 2 (forward, backward, optimizer step)."""
+    saved_activation_bytes: int
+    """Bytes of the distinct storages autograd saved for backward in one forward (the model's part)."""
+
+
+def _engine(cfg, zero: int, dtype: str, micro_batch: int):
+    from modsquad_ds.train.trainer import build_engine
+
+    ds = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+          "gradient_clipping": 1.0, "steps_per_print": 10**9, "wall_clock_breakdown": False,
+          "zero_optimization": {"stage": zero, "contiguous_gradients": True, "overlap_comm": False,
+                                "reduce_bucket_size": cfg_bucket(cfg), "allgather_bucket_size": cfg_bucket(cfg)},
+          "bf16": {"enabled": dtype == "bf16"}, "zero_allow_untested_optimizer": True}
+    return build_engine(cfg, ds)
+
+
+def cfg_bucket(cfg) -> int:
+    from modsquad_ds.plan.memory import REDUCE_BUCKET_ELEMENTS
+
+    return REDUCE_BUCKET_ELEMENTS
+
+
+def saved_activation_bytes(module, batch) -> int:
+    """Distinct storage bytes autograd keeps for backward during ``module(batch)``."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if t.device.type != "meta":
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, *_ = module(batch)
+    # parameters are saved too (a Linear saves its weight): they are not activations
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    return sum(n for ptr, n in seen.items() if ptr not in params), loss
+
+
+def measure_step(cfg, micro_batch: int, zero: int = 1, dtype: str = "fp32") -> MeasuredStep:
+    """Two training steps of ``cfg`` on this process (a process group must exist: world of one)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from modsquad_ds.data.synthetic import synthetic_batch
+
+    gen = torch.Generator().manual_seed(0)
+    batch = synthetic_batch(cfg.tasks.names, micro_batch, cfg.model.img_size, generator=gen)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        engine = _engine(cfg, zero, dtype, micro_batch)
+        engine.train()
+        for name in ("modsquad_step1", "modsquad_step2"):
+            with torch.profiler.record_function(name):
+                loss, *_ = engine(batch)
+                engine.backward(loss)
+                engine.step()
+    events = prof.profiler.kineto_results.events()
+    step = next(e for e in events if e.name() == "modsquad_step2")
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    held, before, peak = 0, None, 0
+    for t, n in memory:
+        if before is None and t >= step.start_ns():
+            before = peak = held
+        held += n
+        if before is not None and t <= step.end_ns():
+            peak = max(peak, held)
+    acts, _ = saved_activation_bytes(engine.module, batch)
+    return MeasuredStep(before_step_bytes=before, peak_bytes=peak, saved_activation_bytes=acts)

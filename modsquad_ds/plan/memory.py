@@ -1,0 +1,231 @@
+"""Bytes per GPU of a Mod-Squad training run: model state by ZeRO stage and ep_size, activations.
+
+Model state follows DeepSpeed 0.19.8's ZeRO 1/2 optimizer (deepspeed/runtime/zero/stage_1_and_2.py)
+with native MoE. ``moe_param_groups`` puts expert weights in their own optimizer groups, and ZeRO
+partitions every group over that group's data-parallel process group
+(``real_dp_process_group[i]``): the whole world for dense weights, the expert-data-parallel group
+(world / ep_size ranks holding the same experts; deepspeed/utils/groups.py) for expert weights.
+So a GPU holds
+
+- the module's weights in the training dtype: all dense weights, its ep-th share of the experts
+  (``bit16_groups_flat``, one flat buffer per group);
+- an fp32 master partition (``single_partition_of_fp32_groups``: a clone even when training in
+  fp32) of 1/world of the dense and 1/(world/ep) of its experts, and Adam's two fp32 moments of it;
+- gradients: ZeRO 0/1 keep every local weight's gradient until the step (``param.grad``, training
+  dtype), ZeRO 2 only its partition (``grads_in_partition``); the step flattens the partition's
+  gradients into one fp32 tensor; and one reduce bucket per parameter dtype (``setup_buckets``:
+  ``reduce_bucket_size`` elements).
+
+Only MoE MLP experts are sharded: attention experts stay replicated (a token's heads attend over
+every token of its image, so they cannot be split by token dispatch; see moe/ds_adapter.py).
+
+Activations: :func:`activation_bytes_per_image` adds up the tensors autograd saves for backward,
+layer by layer, read off the code of model/vit.py, model/blocks.py, moe/attention.py,
+moe/router.py and DeepSpeed's MOELayer (moe/sharded_moe.py); tests/unit/plan checks it against the
+bytes the saved-tensor hooks see, and the whole prediction against a profiled step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+REDUCE_BUCKET_ELEMENTS = 50_000_000
+"""``reduce_bucket_size`` of every shipped ds_configs/*.json."""
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    dense: int
+    """Every weight not sharded by expert parallelism (attention experts and routers included)."""
+    mlp_experts: int
+    """All MoE MLP experts of all layers; sharded over ep_size ranks."""
+    mlp_expert_largest: int
+    """The largest single MLP-expert weight (DeepSpeed reduces expert grads per parameter)."""
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.mlp_experts
+
+
+def count_params(cfg) -> ParamCounts:
+    """Parameters of the training module (model and task weighting), counted on a real build.
+
+    The build is in bf16 (half the memory and time of fp32: ViT-B takes about 2 s); the meta device
+    cannot build the model (its drop-path schedule reads a tensor's values).
+    """
+    from modsquad_ds.model.factory import build_model
+    from modsquad_ds.model.objective import MultiTaskObjective
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = build_model(_without_pretrained(cfg))
+        objective = MultiTaskObjective(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    dense = experts = largest = 0
+    for name, p in [*model.named_parameters(), *objective.named_parameters()]:
+        if ".experts.experts." in name:
+            experts += p.numel()
+            largest = max(largest, p.numel())
+        else:
+            dense += p.numel()
+    return ParamCounts(dense, experts, largest)
+
+
+def _without_pretrained(cfg):
+    from dataclasses import replace
+
+    return replace(cfg, model=replace(cfg.model, pretrained=None)) if cfg.model.pretrained else cfg
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    weights: int
+    master: int
+    adam: int
+    grads: int
+    """Gradients held at the end of backward (ZeRO 0/1: full local, ZeRO 2: partition)."""
+    step_grads: int
+    """fp32 flat gradient partition the optimizer step builds (ZeRO 1/2)."""
+    buckets: int
+
+    """Reduce bucket, allocated when backward starts and freed after the step."""
+
+    @property
+    def held(self) -> int:
+        """Held for the whole run: weights, master partition, Adam moments."""
+        return self.weights + self.master + self.adam
+
+
+def state_bytes(params: ParamCounts, *, world: int, ep_size: int, zero: int, dtype: str) -> StateBytes:
+    """Model and optimizer state on one GPU (see the module docstring for where each term lives)."""
+    w = DTYPE_BYTES[dtype]
+    local = params.dense + params.mlp_experts // ep_size
+    if zero == 0:
+        part = local  # no partitioning: torch's AdamW holds fp32 moments of every local weight
+        return StateBytes(weights=w * local, master=0, adam=8 * part, grads=w * local, step_grads=0, buckets=0)
+    edp = world // ep_size
+    part = _ceil_div(params.dense, world) + _ceil_div(params.mlp_experts // ep_size, edp)
+    grads = w * local if zero == 1 else w * part
+    bucket_dtypes = 1  # expert and dense weights share the training dtype: one bucket
+    buckets = bucket_dtypes * REDUCE_BUCKET_ELEMENTS * (4 if zero == 1 else w)
+    return StateBytes(weights=w * local, master=4 * part, adam=8 * part, grads=grads, step_grads=4 * part,
+                      buckets=buckets)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ------------------------------------------------------------------------------------ activations
+
+@dataclass(frozen=True)
+class Shapes:
+    tasks: int
+    tokens: int  # per image, class token included
+    dim: int
+    mlp_hidden: int
+    heads: int
+    kinds: list  # (moe_attn, moe_mlp) per block
+    attn_k: int
+    attn_e: int
+    attn_h: int
+    mlp_k: int
+    mlp_e: int
+    img: int
+    first_block: int
+    head_out: int  # sum over tasks of the head's outputs per image (pixels x channels or classes)
+
+
+def shapes(cfg) -> Shapes:
+    from modsquad_ds.data.tasks import get_task
+    from modsquad_ds.model.vit import block_kinds
+
+    m, moe = cfg.model, cfg.moe
+    grid = m.img_size // m.patch_size
+    head_out = 0
+    for name in cfg.tasks.names:
+        spec = get_task(name)
+        head_out += spec.channels * (m.img_size ** 2 if spec.kind == "pixel" else 1)
+    return Shapes(tasks=len(cfg.tasks.names), tokens=grid * grid + 1, dim=m.embed_dim, mlp_hidden=m.mlp_hidden,
+                  heads=m.num_heads, kinds=block_kinds(m.depth, moe), attn_k=moe.attn.top_k,
+                  attn_e=moe.attn.num_experts, attn_h=moe.attn.resolved_dim(m.embed_dim), mlp_k=moe.mlp.top_k,
+                  mlp_e=moe.mlp.num_experts, img=m.img_size, first_block=moe.first_block, head_out=head_out)
+
+
+def activation_bytes_per_image(cfg, dtype: str = "fp32", capacity_factor: float = 1.0) -> float:
+    """Bytes autograd saves for backward per image of a micro batch (all tasks of the image).
+
+    ``capacity_factor``: DeepSpeed's expert buffer holds E x C rows with C the busiest expert's
+    token count; 1.0 is perfectly balanced routing (C = k S / E).
+    """
+    s = shapes(cfg)
+    a = DTYPE_BYTES[dtype]
+    f, i64 = 4, 8
+    d, n, t = s.dim, s.tokens, s.tasks
+    rows = t * n  # task slots x tokens of one image, after the task-independent prefix
+    total = 3 * s.img ** 2 * a  # the image, saved by the patch-embedding convolution
+    noisy = cfg.moe.router_noise
+    for b, (moe_attn, moe_mlp) in enumerate(s.kinds):
+        r = n if b < s.first_block else rows
+        # LayerNorm 1 and 2: input (a), mean and rstd (fp32); the normed outputs are saved by the next linear
+        total += r * 2 * (d * a + 2 * f)
+        if moe_attn:
+            k, h = s.attn_k, s.attn_h
+            total += _router(r, d, s.attn_e, k, a, noisy)
+            total += r * (d * a)                    # LayerNorm 1 output (router, dispatch, k/v input)
+            total += r * k * d * a                  # dispatched token copies (query projections' input)
+            total += r * k * h * a * 2              # unpermuted queries and attention output (SDPA)
+            total += r * 2 * h * a                  # shared keys/values (SDPA)
+            total += r * k * f                      # SDPA's logsumexp
+            total += r * k * h * a                  # expert-sorted attention output (output projections' input)
+            total += r * k * d * a * 2              # expert outputs and their gated copies (gate multiply, index_add)
+            total += r * k * (a + 3 * i64)          # sorted gates, slot order / token index / inverse
+        else:
+            total += r * d * a                      # LayerNorm 1 output (qkv input)
+            total += r * 3 * d * a                  # q, k, v (SDPA)
+            total += r * d * a * 2                  # SDPA output and the projection's input
+            total += r * s.heads * f                # SDPA's logsumexp
+        if moe_mlp:
+            k = s.mlp_k
+            h = s.mlp_hidden // k if cfg.moe.mlp.expert_dim is None else cfg.moe.mlp.expert_dim
+            buf = r * k * capacity_factor           # rows of the (E, C, D) expert buffer
+            total += _router(r, d, s.mlp_e, k, a, noisy)
+            total += r * d * a                      # LayerNorm 2 output
+            total += buf * (d + 2 * h) * a          # expert fc1 input, GELU input and output
+            total += r * k * d * a                  # routed expert outputs (saved by the gate multiply)
+            total += r * k * (f + i64)              # gates and slots of _sparse_decode
+        else:
+            total += r * d * a                      # LayerNorm 2 output (fc1 input)
+            total += r * 2 * s.mlp_hidden * a       # GELU input and output
+    total += rows * (d * a + 2 * f) + rows * d * a  # final norm: input, stats, output (heads' input)
+    total += s.head_out * a * 2                     # head outputs, kept by the losses with their targets
+    return total
+
+
+def _router(rows: int, dim: int, experts: int, k: int, a: int, noisy: bool) -> float:
+    """TaskRouter (fp32 gate math): probabilities saved by softmax and top-k's indices; the noisy
+    branch also keeps softplus's input, the noise draw and the noise scale."""
+    f = 4
+    out = rows * experts * f + rows * k * 8
+    if noisy:
+        out += rows * experts * f * 3
+    if a != f:
+        out += rows * dim * f  # the fp32 copy of the input saved by the gate bmm
+    return out
+
+
+def peak_bytes(state: StateBytes, activations: float) -> float:
+    """Peak of one training step on one GPU.
+
+    Weights, master partition and Adam moments are held throughout; DeepSpeed allocates its reduce
+    bucket when backward starts (``setup_buckets``) and frees it after the step. Backward frees
+    activations as it creates gradients, so the step peaks either when backward starts (every
+    activation saved) or at the optimizer step (gradients and their flat fp32 partition).
+    """
+    return state.held + state.buckets + max(activations, state.grads + state.step_grads)

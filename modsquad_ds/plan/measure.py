@@ -41,12 +41,12 @@ def _engine(cfg, zero: int, dtype: str, micro_batch: int):
     ds = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
           "gradient_clipping": 1.0, "steps_per_print": 10**9, "wall_clock_breakdown": False,
           "zero_optimization": {"stage": zero, "contiguous_gradients": True, "overlap_comm": False,
-                                "reduce_bucket_size": cfg_bucket(cfg), "allgather_bucket_size": cfg_bucket(cfg)},
+                                "reduce_bucket_size": _bucket(), "allgather_bucket_size": _bucket()},
           "bf16": {"enabled": dtype == "bf16"}, "zero_allow_untested_optimizer": True}
     return build_engine(cfg, ds)
 
 
-def cfg_bucket(cfg) -> int:
+def _bucket() -> int:
     from modsquad_ds.plan.memory import REDUCE_BUCKET_ELEMENTS
 
     return REDUCE_BUCKET_ELEMENTS

@@ -109,7 +109,10 @@ def expand_nodelist(nodelist: str) -> list[str]:
     out (``r[1-2]n[1-2]``). :func:`first_host` prefers ``scontrol`` when it is installed.
     """
     hosts: list[str] = []
-    for item in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):
+    items = re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist)
+    if ",".join(items) != nodelist:  # an unclosed bracket or an empty name between commas
+        raise LaunchError(f"cannot parse Slurm nodelist {nodelist!r}")
+    for item in items:
         hosts.extend(_expand_name(item, nodelist))
     if not hosts:
         raise LaunchError(f"Slurm nodelist {nodelist!r} names no host")
@@ -130,6 +133,8 @@ def _expand_name(name: str, nodelist: str) -> list[str]:
         if not r:
             raise LaunchError(f"cannot parse Slurm nodelist {nodelist!r} (range {part!r})")
         lo, hi = r.group(1), r.group(2) or r.group(1)
+        if int(hi) < int(lo):  # scontrol refuses these too ("Invalid range")
+            raise LaunchError(f"cannot parse Slurm nodelist {nodelist!r} (range {part!r} runs backwards)")
         out += [f"{prefix}{n:0{len(lo)}d}{tail}" for n in range(int(lo), int(hi) + 1) for tail in tails]
     return out
 

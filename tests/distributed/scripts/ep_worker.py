@@ -26,6 +26,7 @@ torch.set_num_threads(1)
 
 TASKS = ["class_scene", "edge_texture", "keypoints2d"]  # unmasked losses: a mean of halves is the mean
 GLOBAL_BATCH = 4
+"""Images per step at 2 and 4 ranks; larger worlds take one image per rank (:func:`global_size`)."""
 ADAM_EPS = 1e-6
 
 
@@ -57,10 +58,14 @@ def config(noise: bool):
                                                  "loss.aux=mi", "loss.w_mi=0.05"])
 
 
-def global_batch(cfg):
+def global_size(world: int) -> int:
+    return max(GLOBAL_BATCH, world)
+
+
+def global_batch(cfg, world: int):
     from modsquad_ds.data.synthetic import synthetic_batch
 
-    return synthetic_batch(TASKS, GLOBAL_BATCH, cfg.model.img_size, generator=torch.Generator().manual_seed(123))
+    return synthetic_batch(TASKS, global_size(world), cfg.model.img_size, generator=torch.Generator().manual_seed(123))
 
 
 def shard(batch, rank: int, world: int):
@@ -139,7 +144,8 @@ def ref_name(name: str, module) -> str:
     return reference_key(name)
 
 
-def check_equivalence(rank: int, world: int, ep_size: int | None = None, cases: str | None = None) -> dict:
+def check_equivalence(rank: int, world: int, ep_size: int | None = None, cases: str | None = None,
+                      prefix: str = "") -> dict:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
 
@@ -152,11 +158,12 @@ def check_equivalence(rank: int, world: int, ep_size: int | None = None, cases: 
         key = f"zero{stage}_noise{int(noise)}"
         if cases and key not in cases.split(","):
             continue
+        key = prefix + key
         cfg = config(noise)
-        batch = global_batch(cfg)
+        batch = global_batch(cfg, world)
         with global_noise(0, 1):
             out_ref, stats_ref, grads_ref, params_ref = reference_step(cfg, batch, lr, wd)
-        engine = ep_engine(cfg, stage, ep_size=ep_size, micro_batch=GLOBAL_BATCH // world, lr=lr, wd=wd)
+        engine = ep_engine(cfg, stage, ep_size=ep_size, micro_batch=global_size(world) // world, lr=lr, wd=wd)
         module = engine.module
         local = shard(batch, rank, world)
         with global_noise(rank, world):
@@ -164,7 +171,7 @@ def check_equivalence(rank: int, world: int, ep_size: int | None = None, cases: 
         engine.backward(loss)
 
         r = {"outputs": {}, "grads": {}, "params": {}, "routing": {}, "losses": {}}
-        n = GLOBAL_BATCH // world
+        n = global_size(world) // world
         for task, pred in out.preds.items():
             r["outputs"][task] = rel_diff(pred, out_ref.preds[task][rank * n:(rank + 1) * n])
         for s, s_ref in zip(out.routing, out_ref.routing):
@@ -228,9 +235,9 @@ def check_checkpoint(rank: int, world: int, out_dir: Path) -> dict:
     from modsquad_ds.moe.ds_adapter import ExpertParallelMoEMlp, convert_to_single_process, expert_checkpoint_name
 
     cfg = config(False)
-    batch = global_batch(cfg)
+    batch = global_batch(cfg, world)
     local = shard(batch, rank, world)
-    n = GLOBAL_BATCH // world
+    n = global_size(world) // world
     engine = ep_engine(cfg, 0, ep_size=world, micro_batch=n, lr=1e-3, wd=0.05)
     loss, _, _ = engine(local)
     engine.backward(loss)
@@ -311,14 +318,20 @@ def main() -> None:
 
     ds_logging.logger.setLevel("WARNING")
     t_init = time.perf_counter() - T0
-    if check == "equivalence":
-        # optional: ep_size (default: the world size) and a comma-separated subset of the cases
-        ep_size = int(sys.argv[3]) if len(sys.argv) > 3 else None
-        record = check_equivalence(ctx.rank, ctx.world_size, ep_size, sys.argv[4] if len(sys.argv) > 4 else None)
-    elif check == "checkpoint":
-        record = check_checkpoint(ctx.rank, ctx.world_size, out_dir)
-    else:
-        raise SystemExit(f"unknown check {check!r}")
+    record = {}
+    for one in check.split("+"):  # several checks in one launch share the start-up (8 ranks: ~1 min)
+        if one == "equivalence":
+            # optional: ep_size (default: the world size; comma-separated: several, cases keyed
+            # "ep{N}_zero..") and a comma-separated subset of the cases
+            sizes = [int(e) for e in sys.argv[3].split(",")] if len(sys.argv) > 3 else [None]
+            cases = sys.argv[4] if len(sys.argv) > 4 else None
+            for ep in sizes:
+                prefix = f"ep{ep}_" if len(sizes) > 1 else ""
+                record.update(check_equivalence(ctx.rank, ctx.world_size, ep, cases, prefix))
+        elif one == "checkpoint":
+            record.update(check_checkpoint(ctx.rank, ctx.world_size, out_dir))
+        else:
+            raise SystemExit(f"unknown check {one!r}")
     record["startup_s"] = t_init
     record["total_s"] = time.perf_counter() - T0
     (out_dir / f"rank{ctx.rank}.json").write_text(json.dumps(record, indent=1))

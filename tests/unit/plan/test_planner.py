@@ -1,0 +1,81 @@
+"""The planner's arithmetic on hand-computed cases, and its command line (one process, no engine).
+Its predictions against real runs: tests/distributed/test_plan_checks.py."""
+
+import pytest
+
+from modsquad_ds.config import load_config
+from modsquad_ds.plan import comm
+from modsquad_ds.plan.__main__ import main, pick, plan_rows
+from modsquad_ds.plan.memory import REDUCE_BUCKET_ELEMENTS, ParamCounts, count_params, state_bytes
+
+
+def test_state_bytes_by_hand():
+    """240 GPUs, ep 8: dense weights partitioned over 240 ranks, each GPU's 1/8 of the experts over
+    its expert-data-parallel group of 30 ranks."""
+    p = ParamCounts(dense=240_000, mlp_experts=2_400_000, mlp_expert_largest=1)
+    s = state_bytes(p, world=240, ep_size=8, zero=1, dtype="bf16")
+    part = 240_000 // 240 + 2_400_000 // 8 // 30  # 1,000 + 10,000
+    assert s.weights == 2 * (240_000 + 300_000)
+    assert (s.master, s.adam, s.step_grads) == (4 * part, 8 * part, 4 * part)
+    assert s.grads == s.weights  # ZeRO 1 keeps every local gradient until the step
+    assert s.buckets == 4 * REDUCE_BUCKET_ELEMENTS
+    z2 = state_bytes(p, world=240, ep_size=8, zero=2, dtype="bf16")
+    assert z2.grads == 2 * part and z2.buckets == 2 * REDUCE_BUCKET_ELEMENTS
+    z0 = state_bytes(p, world=240, ep_size=8, zero=0, dtype="fp32")
+    assert z0.master == 0 and z0.adam == 8 * 540_000
+
+
+def test_expert_params_counted_apart():
+    cfg = load_config(preset="tiny")
+    p = count_params(cfg)
+    d, h, experts, layers = 64, 256 // 2, 8, 2  # tiny: 2 MoE MLP layers of 8 experts, hidden 4*64/top-2
+    assert p.mlp_experts == layers * experts * (d * h + h + h * d + d)
+    assert p.mlp_expert_largest == d * h
+
+
+def test_alltoall_by_hand():
+    cfg = load_config(preset="tiny")  # 13 tasks, 17 tokens, 8 experts top-2, dim 64, 2 MoE MLP layers
+    c = comm.capacity(cfg, micro_batch=4, capacity_factor=1.0)
+    assert c == 2 * 4 * 13 * 17 // 8
+    a = comm.alltoall(cfg, micro_batch=4, accumulation=3, ep_size=4, dtype="bf16")
+    per_call = 4 * 8 * c * 64 * 2
+    assert (a.bytes_per_step, a.calls_per_step) == (2 * 3 * per_call, 2 * 3 * 4)
+    assert a.sent_per_step == a.bytes_per_step * 3 // 4
+    assert comm.alltoall(cfg, micro_batch=4, accumulation=1, ep_size=1, dtype="bf16").bytes_per_step == 0
+    assert comm.seconds(125_000_000, 1.0) == pytest.approx(1.0)
+
+
+def test_pick_prefers_fewer_micro_steps_then_less_traffic():
+    cfg = load_config(preset="tiny")
+    p = count_params(cfg)
+    kw = dict(gpus=8, global_batch=64, zero=1, dtype="fp32", link_gbps=100, capacity_factor=1.0, reserve_gib=0)
+    roomy = plan_rows(cfg, p, gpu_mem_gib=4, ep_sizes=[1, 2, 8], **kw)
+    assert [r.accumulation for r in roomy] == [1, 1, 1]
+    assert pick(roomy)[0].ep_size == 1  # no all-to-all at all
+    tight = plan_rows(cfg, p, gpu_mem_gib=0.01, ep_sizes=[1, 2], **kw)
+    assert not any(r.fits for r in tight) and pick(tight)[0] is None
+
+
+def test_command_line_prints_the_table_and_a_pick(capsys):
+    assert main(["--preset", "tiny", "--gpus", "8", "--gpu-mem-gib", "2", "--global-batch", "64",
+                 "--step-time-s", "0.5", "--images", "1000", "--epochs", "1", "--reserve-gib", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "| 1 |" in out and "| 8 |" in out and "pick: ep_size" in out
+    assert "128 images/s" in out  # 64 images per 0.5 s step
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ep-size", "3"], "--ep-size 3 must divide"),
+    (["--global-batch", "65"], "multiple of --gpus"),
+    (["--zero", "0", "--dtype", "bf16"], "bf16 needs ZeRO 1 or 2"),
+    (["--set", "moe.mlp.top_k=99"], "moe.mlp.top_k"),
+])
+def test_bad_input_one_line(argv, message, capsys):
+    base = ["--preset", "tiny", "--gpus", "8", "--gpu-mem-gib", "2", "--global-batch", "64"]
+    try:
+        code = main(base + argv)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 2
+        print(exit_.code)
+    captured = capsys.readouterr()
+    assert code != 0 and message in captured.err + captured.out

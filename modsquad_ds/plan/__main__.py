@@ -126,8 +126,9 @@ def parse_args(argv):
     p.add_argument("--images", type=int, default=PAPER_IMAGES, help="training images per epoch (default: paper's 3.79M)")
     p.add_argument("--epochs", type=float, default=100, help="epochs (default: the paper's 100)")
     p.add_argument("--calibrate", action="store_true",
-                   help="also run two real training steps on this machine's CPU at the smallest micro batch "
-                        "and print measured against predicted peak and activations")
+                   help="also run two real training steps on this machine (its GPU when DS_ACCELERATOR is "
+                        "cuda, else the CPU) at micro batch 1, one process, and print measured against "
+                        "predicted peak and activations")
     return p.parse_args(argv)
 
 
@@ -179,7 +180,7 @@ def _calibrate(cfg, args) -> None:
     act = activation_bytes_per_image(cfg, args.dtype)
     m = measure_step(cfg, 1, args.zero, args.dtype)
     predicted = peak_bytes(st, act)
-    print(f"calibration (1 process, micro batch 1, CPU): peak predicted {predicted / 2**20:.1f} MiB, measured "
+    print(f"calibration (1 process, micro batch 1): peak predicted {predicted / 2**20:.1f} MiB, measured "
           f"{m.peak_bytes / 2**20:.1f} MiB ({predicted / m.peak_bytes:.3f}x); activations predicted "
           f"{act / 2**20:.1f} MiB, measured {m.saved_activation_bytes / 2**20:.1f} MiB")
 

@@ -69,22 +69,34 @@ def saved_activation_bytes(module, batch) -> int:
     return sum(n for ptr, n in seen.items() if ptr not in params), loss
 
 
+def _on_cuda() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cuda"
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict)
+                else v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
 def measure_step(cfg, micro_batch: int, zero: int = 1, dtype: str = "fp32") -> MeasuredStep:
-    """Two training steps of ``cfg`` on this process (a process group must exist: world of one)."""
+    """Two training steps of ``cfg`` on this process (a process group must exist: world of one or
+    more); on DeepSpeed's CUDA accelerator the peak is ``torch.cuda.max_memory_allocated``."""
     from torch.profiler import ProfilerActivity, profile
 
     from modsquad_ds.data.synthetic import synthetic_batch
 
     gen = torch.Generator().manual_seed(0)
     batch = synthetic_batch(cfg.tasks.names, micro_batch, cfg.model.img_size, generator=gen)
+    if _on_cuda():
+        return _measure_cuda(cfg, batch, micro_batch, zero, dtype)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         engine = _engine(cfg, zero, dtype, micro_batch)
         engine.train()
         for name in ("modsquad_step1", "modsquad_step2"):
             with torch.profiler.record_function(name):
-                loss, *_ = engine(batch)
-                engine.backward(loss)
-                engine.step()
+                _step(engine, batch)
     events = prof.profiler.kineto_results.events()
     step = next(e for e in events if e.name() == "modsquad_step2")
     memory = sorted((e.start_ns(), e.nbytes()) for e in events
@@ -98,3 +110,36 @@ def measure_step(cfg, micro_batch: int, zero: int = 1, dtype: str = "fp32") -> M
             peak = max(peak, held)
     acts, _ = saved_activation_bytes(engine.module, batch)
     return MeasuredStep(before_step_bytes=before, peak_bytes=peak, saved_activation_bytes=acts)
+
+
+def _step(engine, batch) -> None:
+    loss, *_ = engine(batch)
+    engine.backward(loss)
+    engine.step()
+
+
+def _measure_cuda(cfg, batch, micro_batch: int, zero: int, dtype: str) -> MeasuredStep:
+    """The caching allocator's own counters: bytes of live tensors, as the CPU path counts them."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()  # whatever this process held before (the batch lives on CPU)
+    engine = _engine(cfg, zero, dtype, micro_batch)
+    engine.train()
+    batch = _to(batch, engine.device)
+    _step(engine, batch)
+    torch.cuda.synchronize()
+    batch_bytes = sum(t.numel() * t.element_size() for t in _tensors(batch))
+    before = torch.cuda.memory_allocated() - base - batch_bytes
+    torch.cuda.reset_peak_memory_stats()
+    _step(engine, batch)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base - batch_bytes
+    acts, _ = saved_activation_bytes(engine.module, batch)
+    return MeasuredStep(before_step_bytes=before, peak_bytes=peak, saved_activation_bytes=acts)
+
+
+def _tensors(batch: dict):
+    for v in batch.values():
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, dict):
+            yield from (t for t in v.values() if isinstance(t, torch.Tensor))

@@ -127,8 +127,9 @@ def parse_args(argv):
     p.add_argument("--epochs", type=float, default=100, help="epochs (default: the paper's 100)")
     p.add_argument("--calibrate", action="store_true",
                    help="also run two real training steps on this machine (its GPU when DS_ACCELERATOR is "
-                        "cuda, else the CPU) at micro batch 1, one process, and print measured against "
-                        "predicted peak and activations")
+                        "cuda, else the CPU), one process, and print measured against predicted peak and "
+                        "activations")
+    p.add_argument("--calibrate-batch", type=int, default=1, metavar="N", help="micro batch of --calibrate (default 1)")
     return p.parse_args(argv)
 
 
@@ -177,10 +178,11 @@ def _calibrate(cfg, args) -> None:
     init_distributed(heartbeat_timeout_s=0)
     params = count_params(cfg)
     st = state_bytes(params, world=1, ep_size=1, zero=args.zero, dtype=args.dtype)
-    act = activation_bytes_per_image(cfg, args.dtype)
-    m = measure_step(cfg, 1, args.zero, args.dtype)
+    b = args.calibrate_batch
+    act = b * activation_bytes_per_image(cfg, args.dtype)
+    m = measure_step(cfg, b, args.zero, args.dtype)
     predicted = peak_bytes(st, act)
-    print(f"calibration (1 process, micro batch 1): peak predicted {predicted / 2**20:.1f} MiB, measured "
+    print(f"calibration (1 process, micro batch {b}, ZeRO {args.zero}, {args.dtype}): peak predicted {predicted / 2**20:.1f} MiB, measured "
           f"{m.peak_bytes / 2**20:.1f} MiB ({predicted / m.peak_bytes:.3f}x); activations predicted "
           f"{act / 2**20:.1f} MiB, measured {m.saved_activation_bytes / 2**20:.1f} MiB")
 

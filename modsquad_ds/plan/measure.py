@@ -19,7 +19,7 @@ bytes of every distinct storage autograd saves for backward during one forward.
 
 from __future__ import annotations
 
-import itertools
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -36,24 +36,22 @@ class MeasuredStep:
 
 
 def _engine(cfg, zero: int, dtype: str, micro_batch: int):
+    """The trainer's engine with a DeepSpeed config shaped like the shipped ds_configs/*.json."""
+    from modsquad_ds.plan.memory import REDUCE_BUCKET_ELEMENTS
     from modsquad_ds.train.trainer import build_engine
 
     ds = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
           "gradient_clipping": 1.0, "steps_per_print": 10**9, "wall_clock_breakdown": False,
           "zero_optimization": {"stage": zero, "contiguous_gradients": True, "overlap_comm": False,
-                                "reduce_bucket_size": _bucket(), "allgather_bucket_size": _bucket()},
+                                "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS,
+                                "allgather_bucket_size": REDUCE_BUCKET_ELEMENTS},
           "bf16": {"enabled": dtype == "bf16"}, "zero_allow_untested_optimizer": True}
     return build_engine(cfg, ds)
 
 
-def _bucket() -> int:
-    from modsquad_ds.plan.memory import REDUCE_BUCKET_ELEMENTS
-
-    return REDUCE_BUCKET_ELEMENTS
-
-
 def saved_activation_bytes(module, batch) -> int:
-    """Distinct storage bytes autograd keeps for backward during ``module(batch)``."""
+    """Distinct storage bytes autograd keeps for backward during ``module(batch)`` (parameters, which
+    a Linear saves too, are not activations). Views of one buffer count once, at its full size."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
@@ -63,10 +61,9 @@ def saved_activation_bytes(module, batch) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, *_ = module(batch)
-    # parameters are saved too (a Linear saves its weight): they are not activations
+        module(batch)
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    return sum(n for ptr, n in seen.items() if ptr not in params), loss
+    return sum(n for ptr, n in seen.items() if ptr not in params)
 
 
 def _on_cuda() -> bool:
@@ -95,6 +92,7 @@ def measure_step(cfg, micro_batch: int, zero: int = 1, dtype: str = "fp32") -> M
         engine = _engine(cfg, zero, dtype, micro_batch)
         engine.train()
         for name in ("modsquad_step1", "modsquad_step2"):
+            gc.collect()  # what reference cycles still hold is garbage, not the step's memory
             with torch.profiler.record_function(name):
                 _step(engine, batch)
     events = prof.profiler.kineto_results.events()
@@ -108,7 +106,7 @@ def measure_step(cfg, micro_batch: int, zero: int = 1, dtype: str = "fp32") -> M
         held += n
         if before is not None and t <= step.end_ns():
             peak = max(peak, held)
-    acts, _ = saved_activation_bytes(engine.module, batch)
+    acts = saved_activation_bytes(engine.module, batch)
     return MeasuredStep(before_step_bytes=before, peak_bytes=peak, saved_activation_bytes=acts)
 
 
@@ -133,7 +131,7 @@ def _measure_cuda(cfg, batch, micro_batch: int, zero: int, dtype: str) -> Measur
     _step(engine, batch)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base - batch_bytes
-    acts, _ = saved_activation_bytes(engine.module, batch)
+    acts = saved_activation_bytes(engine.module, batch)
     return MeasuredStep(before_step_bytes=before, peak_bytes=peak, saved_activation_bytes=acts)
 
 

@@ -43,8 +43,6 @@ class ParamCounts:
     """Every weight not sharded by expert parallelism (attention experts and routers included)."""
     mlp_experts: int
     """All MoE MLP experts of all layers; sharded over ep_size ranks."""
-    mlp_expert_largest: int
-    """The largest single MLP-expert weight (DeepSpeed reduces expert grads per parameter)."""
 
     @property
     def total(self) -> int:
@@ -67,14 +65,13 @@ def count_params(cfg) -> ParamCounts:
         objective = MultiTaskObjective(cfg)
     finally:
         torch.set_default_dtype(default)
-    dense = experts = largest = 0
+    dense = experts = 0
     for name, p in [*model.named_parameters(), *objective.named_parameters()]:
-        if ".experts.experts." in name:
+        if ".experts.experts." in name:  # MoEMlp's MLPExperts: the weights expert parallelism shards
             experts += p.numel()
-            largest = max(largest, p.numel())
         else:
             dense += p.numel()
-    return ParamCounts(dense, experts, largest)
+    return ParamCounts(dense, experts)
 
 
 def _without_pretrained(cfg):
@@ -93,7 +90,6 @@ class StateBytes:
     step_grads: int
     """fp32 flat gradient partition the optimizer step builds (ZeRO 1/2)."""
     buckets: int
-
     """Reduce bucket, allocated when backward starts and freed after the step."""
 
     @property
@@ -112,8 +108,9 @@ def state_bytes(params: ParamCounts, *, world: int, ep_size: int, zero: int, dty
     edp = world // ep_size
     part = _ceil_div(params.dense, world) + _ceil_div(params.mlp_experts // ep_size, edp)
     grads = w * local if zero == 1 else w * part
-    bucket_dtypes = 1  # expert and dense weights share the training dtype: one bucket
-    buckets = bucket_dtypes * REDUCE_BUCKET_ELEMENTS * (4 if zero == 1 else w)
+    # One bucket per parameter dtype (experts and dense weights share it), of the gradient
+    # reduction dtype: the training dtype, as grad_accum_dtype is unset (_gradient_reduction_buffer_dtype).
+    buckets = REDUCE_BUCKET_ELEMENTS * w
     return StateBytes(weights=w * local, master=4 * part, adam=8 * part, grads=grads, step_grads=4 * part,
                       buckets=buckets)
 

@@ -1,12 +1,13 @@
-"""One rank of the planner's checks (tests/distributed/test_plan_checks.py), 2 gloo ranks, ep_size 2.
+"""One rank of the planner's checks (tests/distributed/test_plan_checks.py).
 
-Usage: plan_probe.py OUT   with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set.
+Usage: plan_probe.py OUT memory|alltoall   with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set.
 
-- memory: the trainer's engine (build_engine) for tiny and small at ZeRO 1/2, fp32/bf16, two steps
-  under the profiler (modsquad_ds.plan.measure): the measured peak, bytes held between steps and
-  saved activations, and the capacity of every MoE MLP call (the busiest expert's tokens).
-- alltoall: one training step with every torch.distributed.all_to_all_single call counted (the call
-  DeepSpeed's _AllToAll makes) and the capacities the gate returned, for the planner to predict.
+- memory (one process): the trainer's engine (build_engine) for tiny and small at ZeRO 1/2,
+  fp32/bf16, two steps under the profiler (modsquad_ds.plan.measure): the measured peak, bytes held
+  between steps and saved activations, and the capacity of every MoE MLP call (the busiest
+  expert's tokens).
+- alltoall (2 ranks, ep_size 2): one training step with every torch.distributed.all_to_all_single
+  call counted (the call DeepSpeed's _AllToAll makes) and the capacities the gate returned.
 Writes OUT/rank{r}.json; the test compares with the planner.
 """
 
@@ -23,6 +24,7 @@ torch.set_num_threads(1)
 
 CASES = [  # preset, micro batch, ZeRO, dtype, overrides
     ("tiny", 8, 1, "fp32", []),
+    ("tiny", 8, 1, "bf16", []),
     ("tiny", 8, 2, "bf16", []),
     ("small", 1, 1, "fp32", ["tasks.names=[class_scene,normal,depth_euclidean]"]),
 ]
@@ -53,14 +55,14 @@ class Counter:
         TaskGate.forward = gate
 
 
-def config(preset, overrides):
+def config(preset, overrides, ep_size):
     from modsquad_ds.config import load_config
 
-    return load_config(preset=preset, overrides=["train.ep_size=2", "loss.w_mi=0.05", *overrides])
+    return load_config(preset=preset, overrides=[f"train.ep_size={ep_size}", "loss.w_mi=0.05", *overrides])
 
 
 def main() -> None:
-    out_dir = Path(sys.argv[1])
+    out_dir, check = Path(sys.argv[1]), sys.argv[2]
     from modsquad_ds.distributed.bootstrap import init_distributed
     from modsquad_ds.data.synthetic import synthetic_batch
     from modsquad_ds.plan.measure import _engine, measure_step
@@ -69,15 +71,15 @@ def main() -> None:
     counter = Counter()
     record = {"memory": [], "alltoall": []}
     for preset, micro, zero, dtype, overrides in CASES:
-        cfg = config(preset, overrides)
-        counter.capacities = []
-        counter.on = True
-        m = measure_step(cfg, micro, zero, dtype)
-        counter.on = False
-        record["memory"].append({"preset": preset, "micro": micro, "zero": zero, "dtype": dtype,
-                                 "overrides": overrides, "peak": m.peak_bytes, "between": m.before_step_bytes,
-                                 "activations": m.saved_activation_bytes, "capacities": counter.capacities})
-        if preset == "tiny":  # one counted step: forward and backward all-to-alls of every MoE MLP layer
+        cfg = config(preset, overrides, ctx.world_size)
+        if check == "memory":
+            counter.capacities, counter.on = [], True
+            m = measure_step(cfg, micro, zero, dtype)
+            counter.on = False
+            record["memory"].append({"preset": preset, "micro": micro, "zero": zero, "dtype": dtype,
+                                     "overrides": overrides, "peak": m.peak_bytes, "between": m.before_step_bytes,
+                                     "activations": m.saved_activation_bytes, "capacities": counter.capacities})
+        elif preset == "tiny":  # one counted step: forward and backward all-to-alls of every MoE MLP layer
             engine = _engine(cfg, zero, dtype, micro)
             batch = synthetic_batch(cfg.tasks.names, micro, cfg.model.img_size,
                                     generator=torch.Generator().manual_seed(ctx.rank))

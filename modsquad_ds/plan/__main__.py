@@ -101,9 +101,10 @@ def format_table(rows: list[Row], step_time_s: Optional[float], global_batch: in
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m modsquad_ds.plan", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m modsquad_ds.plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Model: docs/planning.md. Checks: tests/unit/plan, tests/distributed/test_plan_alltoall.py.")
+                                epilog="Model: docs/planning.md. Checks: tests/unit/plan, "
+                                       "tests/distributed/test_plan_checks.py.")
     p.add_argument("--preset", default=None, help="tiny, small or base (default: the config's, else tiny)")
     p.add_argument("--config", default=None, help="a run YAML (its model, moe and tasks are planned)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -123,7 +124,8 @@ def parse_args(argv):
                    help="memory kept free for the CUDA context, NCCL and fragmentation (default 2)")
     p.add_argument("--step-time-s", type=float, default=None,
                    help="measured seconds per optimizer step; gives images/s and GPU-hours")
-    p.add_argument("--images", type=int, default=PAPER_IMAGES, help="training images per epoch (default: paper's 3.79M)")
+    p.add_argument("--images", type=int, default=PAPER_IMAGES,
+                   help="training images per epoch (default: the paper's 3.79M)")
     p.add_argument("--epochs", type=float, default=100, help="epochs (default: the paper's 100)")
     p.add_argument("--calibrate", action="store_true",
                    help="also run two real training steps on this machine (its GPU when DS_ACCELERATOR is "
@@ -182,7 +184,8 @@ def _calibrate(cfg, args) -> None:
     act = b * activation_bytes_per_image(cfg, args.dtype)
     m = measure_step(cfg, b, args.zero, args.dtype)
     predicted = peak_bytes(st, act)
-    print(f"calibration (1 process, micro batch {b}, ZeRO {args.zero}, {args.dtype}): peak predicted {predicted / 2**20:.1f} MiB, measured "
+    print(f"calibration (1 process, micro batch {b}, ZeRO {args.zero}, {args.dtype}): "
+          f"peak predicted {predicted / 2**20:.1f} MiB, measured "
           f"{m.peak_bytes / 2**20:.1f} MiB ({predicted / m.peak_bytes:.3f}x); activations predicted "
           f"{act / 2**20:.1f} MiB, measured {m.saved_activation_bytes / 2**20:.1f} MiB")
 

@@ -46,7 +46,8 @@ def test_eight_ranks_match_single_process(records, ep, case):
         shared = [k for k in r["grads"] if k.endswith("patch_embed.proj.weight")]
         assert router and expert and shared  # the three kinds the equivalence is about are all there
         bad = {k: v for k, v in r["grads"].items() if not v < 1e-4}
-        assert not bad, f"rank {rank}, ep {ep}, {case}: gradients differ: {sorted(bad.items(), key=lambda kv: -kv[1])[:6]}"
+        worst = sorted(bad.items(), key=lambda kv: -kv[1])[:6]
+        assert not bad, f"rank {rank}, ep {ep}, {case}: gradients differ: {worst}"
         worst_step = max(r["params"].values())
         assert worst_step < 2e-3, f"rank {rank}, ep {ep}, {case}: params differ by {worst_step:.2e} lr after a step"
 

@@ -90,6 +90,21 @@ def skip_shm_op_build() -> bool:
     return True
 
 
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The GPU of this rank among the ones it can see.
+
+    ``srun --gpus-per-node 8`` shows every task all 8 GPUs (take the local rank's); ``--gpus-per-task 1``
+    or ``--gpu-bind=single:1`` shows each task only its own (device 0). Anything else would put two
+    ranks on one GPU, which NCCL refuses: say so before it does.
+    """
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise launch_env.LaunchError(f"local rank {local_rank} sees {visible} GPU(s): give each task one GPU "
+                                 "(--gpus-per-task 1) or every task of a node all of them (--gpus-per-node)")
+
+
 def init_distributed(launch: Optional[LaunchEnv] = None, *, timeout_s: float = 600.0,
                      heartbeat_timeout_s: float = 60.0, backend: Optional[str] = None) -> DistContext:
     """Rendezvous all ranks and create DeepSpeed's communication backend over the same process group.
@@ -107,11 +122,12 @@ def init_distributed(launch: Optional[LaunchEnv] = None, *, timeout_s: float = 6
     accel = get_accelerator()
     backend = backend or accel.communication_backend_name()
     if accel.device_name() == "cuda":
-        torch.cuda.set_device(launch.local_rank)
+        gpu = cuda_device_index(launch.local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(gpu)
         # NCCL never notices a dead peer by itself: tear the process down when the watchdog sees a
         # timed-out or failed collective instead of leaving it blocked (torch's 1 = TearDown).
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        device = torch.device("cuda", launch.local_rank)
+        device = torch.device("cuda", gpu)
     else:
         device = torch.device("cpu")
     skipped = skip_shm_op_build()

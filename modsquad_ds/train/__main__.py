@@ -93,8 +93,14 @@ def main(argv=None) -> int:
 
     # DeepSpeed 0.19.8's ZeRO calls a torch collective that torch 2.14 marks deprecated, every step.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    ctx = init_distributed(launch, timeout_s=cfg.train.dist_timeout_s,
-                           heartbeat_timeout_s=cfg.train.heartbeat_timeout_s)
+    from modsquad_ds.distributed.env import LaunchError
+
+    try:
+        ctx = init_distributed(launch, timeout_s=cfg.train.dist_timeout_s,
+                               heartbeat_timeout_s=cfg.train.heartbeat_timeout_s)
+    except LaunchError as err:  # e.g. more ranks on a node than GPUs it can see
+        print(f"error: rank {launch.rank}: {err}", file=sys.stderr)
+        return 2
     seed_everything(cfg.seed)
     with fail_fast(ctx.rank, ctx.world_size):
         if ctx.rank == 0:

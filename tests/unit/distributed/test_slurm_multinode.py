@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from modsquad_ds.distributed.bootstrap import cuda_device_index
 from modsquad_ds.distributed.env import LaunchError, detect, expand_nodelist, slurm_port
 
 
@@ -28,6 +29,16 @@ def test_two_nodes_of_eight_gpus_agree_on_one_rendezvous():
     assert {x.world_size for x in launches} == {16}
     assert {(x.master_addr, x.master_port) for x in launches} == {("gpu-12", slurm_port(4242))}
     assert {x.launcher for x in launches} == {"slurm"}
+
+
+def test_each_rank_finds_its_gpu_however_slurm_binds_them():
+    launches = [detect(srun_task(i, 2, 8, "gpu-[12,14]", 4242)) for i in range(16)]
+    # --gpus-per-node 8: every task sees its node's 8 GPUs
+    assert [cuda_device_index(x.local_rank, 8) for x in launches] == list(range(8)) * 2
+    # --gpus-per-task 1 / --gpu-bind=single:1: every task sees only its own GPU
+    assert {cuda_device_index(x.local_rank, 1) for x in launches} == {0}
+    with pytest.raises(LaunchError, match="local rank 5 sees 4 GPU"):
+        cuda_device_index(5, 4)  # 8 tasks on a node with 4 visible GPUs
 
 
 def test_concurrent_jobs_on_the_same_nodes_get_different_ports():

@@ -319,7 +319,7 @@ def main() -> None:
     ds_logging.logger.setLevel("WARNING")
     t_init = time.perf_counter() - T0
     record = {}
-    for one in check.split("+"):  # several checks in one launch share the start-up (8 ranks: ~1 min)
+    for one in check.split("+"):  # several checks share one launch: 8 processes start slowly on 2 cores
         if one == "equivalence":
             # optional: ep_size (default: the world size; comma-separated: several, cases keyed
             # "ep{N}_zero..") and a comma-separated subset of the cases

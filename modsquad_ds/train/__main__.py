@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from modsquad_ds.config import ConfigError, load_config
@@ -115,6 +116,12 @@ def main(argv=None) -> int:
                   f"init {ctx.init_seconds:.1f}s", flush=True)
         try:
             result = Trainer(cfg, ds_config, ctx.rank, ctx.world_size).run()
+            if result.stopped_by_signal:
+                # Saved and on the way out: a launcher that sees the first rank exit EXIT_STOPPED
+                # sends the others SIGTERM (torchrun; srun --kill-on-bad-exit), which must not turn
+                # their clean exit into "killed" (srun would report 143, not 3). Set on every rank
+                # before shutdown's barrier, so before any rank can exit.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
         except NonFiniteLoss as err:
             die(f"rank {ctx.rank}: {err}", EXIT_NONFINITE)
         except CorruptDataError as err:

@@ -379,7 +379,7 @@ def scenario_bad_samples(report: Report, shards: Path, work: Path) -> None:
     out = work / "bad_run"
     code, output, seconds = run(train_cmd(bad, out, "train.steps=4"), work / "bad_run.log")
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()] if code == 0 else []
-    summary = next((l for l in output.splitlines() if "samples skipped as unusable" in l), "")
+    summary = next((l for l in output.splitlines() if l.startswith("warning:") and "skipped" in l), "")
     live = [l for l in output.splitlines() if "skipped a sample" in l]
     ok = (code == 0 and rows and rows[-1].get("data/skipped") == len(domains) and summary.startswith("warning: 4 ")
           and all(f"train-{i:06d}.tar (shape mismatch 1)" in summary for i in range(4)) and live)

@@ -9,12 +9,12 @@ Layout under ``{out_dir}/checkpoints``::
 A crash mid-save leaves only a ``.partial-*`` folder, which resume ignores (and the next save
 removes), so the previous checkpoint stays usable. Every complete folder holds a ``manifest.json``
 (sizes and SHA-256 of its files, written last, see manifest.py); resume verifies the newest folder
-against it and falls back to the newest intact one, renaming a damaged folder to
-``damaged-step_*`` so that it neither counts as a checkpoint nor gets overwritten. DeepSpeed's own files keep their names
-(``mp_rank_00_model_states.pt``, ``layer_{L}_expert_{E}_mp_rank_00_model_states.pt``, optimizer
-shards), so our export reads them; DeepSpeed's ``zero_to_fp32.py`` / ``zero_to_torch.py`` copies are
-removed (they fail on MoE checkpoints: use ``python -m modsquad_ds.export``). Our per-rank state (RNG streams) is saved as
-tensors and plain values and loaded with ``weights_only=True``.
+against it and falls back to the newest intact one, renaming a damaged folder to ``damaged-step_*``
+so that it neither counts as a checkpoint nor gets overwritten. DeepSpeed's own files keep their
+names (``mp_rank_00_model_states.pt``, ``layer_{L}_expert_{E}_mp_rank_00_model_states.pt``,
+optimizer shards), so our export reads them; DeepSpeed's ``zero_to_fp32.py`` / ``zero_to_torch.py``
+copies are removed (they fail on MoE checkpoints: use ``python -m modsquad_ds.export``). Our per-rank
+state (RNG streams) is saved as tensors and plain values and loaded with ``weights_only=True``.
 """
 
 from __future__ import annotations

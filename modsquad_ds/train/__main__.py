@@ -126,8 +126,9 @@ def main(argv=None) -> int:
             die(f"rank {ctx.rank}: {err}", EXIT_NONFINITE)
         except CorruptDataError as err:
             # raised in a loader worker, the DataLoader re-raises it with the worker's traceback in
-            # the message: its last line is the error itself
-            die(f"rank {ctx.rank}: {str(err).strip().splitlines()[-1]}", EXIT_DATA)
+            # the message: its last line is "modsquad_ds.data.corrupt.CorruptDataError: <message>"
+            last = str(err).strip().splitlines()[-1]
+            die(f"rank {ctx.rank}: {last.split('CorruptDataError: ', 1)[-1]}", EXIT_DATA)
         except (ResumeMismatch, CheckpointDamaged) as err:
             if ctx.rank == 0:
                 print(f"error: {err}", file=sys.stderr, flush=True)

@@ -407,6 +407,26 @@ def scenario_bad_samples(report: Report, shards: Path, work: Path) -> None:
     report.check("labels and images of the wrong size", ok, summary or f"exit {code}", seconds, output)
 
 
+def scenario_shard_vanishes(report: Report, shards: Path, work: Path) -> None:
+    """A shard deleted while the run trains: an error naming it at the next epoch, not a skip."""
+    copy = work / "vanishing"
+    shutil.copytree(shards, copy)
+    out = work / "vanish_run"
+    proc = Proc(train_cmd(copy, out, "train.steps=100000"), work / "vanish.log")
+    try:
+        wait_until(lambda: logged_steps(out) >= 1, "training to start", proc)
+        t0 = time.monotonic()
+        (copy / "train-000001.tar").unlink()
+        code = proc.wait(120)
+        seconds = time.monotonic() - t0
+    finally:
+        proc.kill()
+    output = proc.output
+    lines = [l for l in output.splitlines() if "listed in the index but missing" in l]
+    ok = code == 65 and len(lines) == 1 and "Traceback" not in output
+    report.check("shard deleted during the run", ok, lines[0] if lines else f"exit {code}", seconds, output)
+
+
 def scenario_make_shards_interrupt(report: Report, shards: Path, work: Path) -> None:
     """Ctrl-C (SIGINT to the whole foreground group, as a terminal sends it) while shards are written."""
     out = work / "interrupted_shards"
@@ -437,6 +457,7 @@ SCENARIOS = {
     "peer": scenario_peer_killed,
     "ckpt": scenario_checkpoints,
     "samples": scenario_bad_samples,
+    "vanish": scenario_shard_vanishes,
     "make_shards": scenario_make_shards_interrupt,
 }
 

@@ -129,7 +129,7 @@ def main(argv=None) -> int:
                 # reacts, so the user gets one line instead of a traceback per worker.
                 with Pool(min(args.workers, len(todo)), initializer=signal.signal,
                           initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
-                    writers += [p.pid for p in pool._pool]
+                    writers += [p.pid for p in pool._pool]  # Pool lists its workers nowhere public
                     for side in pool.imap_unordered(write_shard, todo):
                         skipped += len(side["skipped"])
                         bar.update()

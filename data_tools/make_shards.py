@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from multiprocessing import Pool
 from pathlib import Path
@@ -34,7 +35,8 @@ if __package__ in (None, ""):
 
 from tqdm import tqdm  # noqa: E402
 
-from data_tools.sharding import is_finished, make_plan, try_write_index, write_shard  # noqa: E402
+from data_tools.sharding import (is_finished, make_plan, remove_unfinished, try_write_index,  # noqa: E402
+                                 write_shard)
 from modsquad_ds.config.schema import PAPER_TASKS  # noqa: E402
 from modsquad_ds.data.layout import read_split_csv  # noqa: E402
 from modsquad_ds.data.sample import needed_domains  # noqa: E402
@@ -120,16 +122,28 @@ def main(argv=None) -> int:
         print(f"[{args.split}] shards {mine.start}..{mine.stop - 1}: {len(mine) - len(todo)} already done, "
               f"{len(todo)} to write")
         bar = tqdm(total=len(todo), unit="shard", desc=f"{args.split} shards", disable=args.no_progress)
-        skipped = 0
-        if args.workers > 1 and len(todo) > 1:
-            with Pool(min(args.workers, len(todo))) as pool:
-                for side in pool.imap_unordered(write_shard, todo):
-                    skipped += len(side["skipped"])
+        skipped, writers = 0, [os.getpid()]
+        try:
+            if args.workers > 1 and len(todo) > 1:
+                # Workers ignore Ctrl-C (the terminal sends it to all of them): only this process
+                # reacts, so the user gets one line instead of a traceback per worker.
+                with Pool(min(args.workers, len(todo)), initializer=signal.signal,
+                          initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+                    writers += [p.pid for p in pool._pool]  # Pool lists its workers nowhere public
+                    for side in pool.imap_unordered(write_shard, todo):
+                        skipped += len(side["skipped"])
+                        bar.update()
+            else:
+                for job in todo:
+                    skipped += len(write_shard(job)["skipped"])
                     bar.update()
-        else:
-            for job in todo:
-                skipped += len(write_shard(job)["skipped"])
-                bar.update()
+        except KeyboardInterrupt:
+            bar.close()
+            # the pool's exit terminated its workers; their unfinished files are theirs by pid
+            removed = remove_unfinished(out, writers)
+            print(f"[{args.split}] interrupted: {bar.n} of {len(todo)} shards written, {removed} unfinished "
+                  "files removed; run the same command to resume", file=sys.stderr)
+            return 130
         bar.close()
         if skipped:
             print(f"[{args.split}] {skipped} samples had unreadable files and were left out "
@@ -144,4 +158,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # while scanning or indexing: nothing half-written to clean up
+        print("interrupted; run the same command to resume", file=sys.stderr)
+        sys.exit(130)

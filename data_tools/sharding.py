@@ -114,6 +114,16 @@ def is_finished(out_dir: str | Path, name: str) -> bool:
         return False
 
 
+def remove_unfinished(out_dir: str | Path, pids: list[int]) -> int:
+    """Delete the temporary files of interrupted writers (their names carry the writer's pid)."""
+    removed = 0
+    for pid in pids:
+        for leftover in [*Path(out_dir).glob(f".*.{pid}.tmp"), *Path(out_dir).glob(f".*.{pid}.json")]:
+            leftover.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def write_shard(job: ShardJob) -> dict:
     """Write one shard (copying domain files byte for byte) and its sidecar; returns the sidecar."""
     out = Path(job.out_dir)

@@ -11,7 +11,9 @@ makes the epoch plan, the shuffle seeds and the skip deterministic.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from modsquad_ds.data.raw_reader import RankBatchSampler, RawFolderDataset, coll
 from modsquad_ds.data.sample import SampleProcessor
 from modsquad_ds.data.shard_index import index_path, load_index
 from modsquad_ds.data.wds_pipeline import ShardStream
+from modsquad_ds.data.worker_signals import stop_signals_blocked, worker_init
 
 log = logging.getLogger("modsquad_ds.data")
 
@@ -41,7 +44,9 @@ class EpochLoader:
         return self.batches_per_epoch - self.start_batch
 
     def __iter__(self):
-        for batch in self.dataloader:
+        with stop_signals_blocked():  # workers start here: see worker_signals
+            batches = iter(self.dataloader)
+        for batch in batches:
             for shard, key, reason, detail in batch.pop("_corrupt", ()):
                 self.counter.add(shard, key, reason, detail)
             yield batch
@@ -74,7 +79,8 @@ def _dataloader(dataset, cfg, **kw) -> DataLoader:
     # runs would no longer equal uninterrupted ones.
     generator = torch.Generator().manual_seed(_seed(cfg))
     return DataLoader(dataset, num_workers=w, prefetch_factor=cfg.data.prefetch_factor if w else None,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available(), generator=generator, **kw)
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(), generator=generator,
+                      worker_init_fn=functools.partial(worker_init, os.getpid()) if w else None, **kw)
 
 
 def _check_start(start_batch: int, n: int) -> None:

@@ -49,6 +49,7 @@ class SampleProcessor:
     def __post_init__(self):
         self.specs = [get_task(t) for t in self.tasks]
         self.domains = needed_domains(self.tasks)
+        self._pixel_domains = {"depth_zbuffer"} | {s.domain for s in self.specs if s.kind == "pixel"}
         for s in self.specs:
             if s.kind == "class":
                 self.class_keep.setdefault(s.name, default_keep(s.name))
@@ -71,15 +72,18 @@ class SampleProcessor:
         (and in :meth:`decode`), so a sample that passes is never dropped later: that keeps the
         count of usable samples identical whether or not a resumed run skips them."""
         try:
-            valid = decode.depth_valid(raw["depth_zbuffer"]) if "depth_zbuffer" in raw else None
             image = decode.image_to_float(raw["rgb"])
             size_hw = image.shape[-2:]
+            # Every image member alike, before any of them is combined with another (a depth mask
+            # of another size fails inside numpy with "operands could not be broadcast together").
+            for domain, array in raw.items():
+                if domain in self._pixel_domains and tuple(array.shape[:2]) != tuple(size_hw):
+                    raise SampleError("shape mismatch",
+                                      f"{key} {domain} is {tuple(array.shape[:2])}, rgb is {tuple(size_hw)}")
+            valid = decode.depth_valid(raw["depth_zbuffer"]) if "depth_zbuffer" in raw else None
             targets, masks = {}, {}
             for spec in self.specs:
                 t, m = decode.to_target(spec, raw[spec.domain], valid, self.class_keep.get(spec.name))
-                if spec.kind == "pixel" and t.shape[-2:] != size_hw:
-                    raise SampleError("shape mismatch",
-                                      f"{key} {spec.domain} is {tuple(t.shape[-2:])}, rgb is {tuple(size_hw)}")
                 targets[spec.name] = t
                 if m is not None:
                     masks[spec.name] = m

@@ -6,11 +6,13 @@ run are skipped by reading their 512-byte headers only, and reading stops after 
 
 Only members whose ``domain.ext`` is wanted are read at all; nothing is decoded here. Damage is
 reported, not raised: a truncated or unreadable tar yields a :class:`Corrupt` event for every sample
-of the run it could not deliver.
+of the run it could not deliver. A shard file that is not there at all is raised (CorruptDataError):
+skipping it would silently drop its share of every epoch.
 """
 
 from __future__ import annotations
 
+import os
 import tarfile
 from dataclasses import dataclass
 from typing import Iterator, Union
@@ -44,6 +46,10 @@ def split_member_name(name: str) -> tuple[str, str, str] | None:
 def read_span(path: str, shard_name: str, first: int, count: int,
               wanted: set[str]) -> Iterator[Union[RawSample, Corrupt]]:
     """Yield samples [first, first + count) of the shard at ``path`` (``wanted`` = domain names)."""
+    if not os.path.exists(path):
+        from modsquad_ds.data.corrupt import CorruptDataError
+
+        raise CorruptDataError(f"shard {shard_name} is listed in the index but missing: {path}")
     delivered = 0
     index = -1
     current_key, files = None, {}

@@ -40,6 +40,14 @@ EXIT_PEER_LOST = 75
 a requeue may succeed)."""
 EXIT_NONFINITE = 76
 """Exit code of a run stopped by a NaN storm (see :func:`die`)."""
+EXIT_DATA = 65
+"""Exit code of a rank stopped by bad input data (EX_DATAERR): data.max_corrupt exceeded, a shard
+gone during the run."""
+EXIT_STOPPED = 3
+"""Exit code of a run stopped by SIGTERM after saving its checkpoint: not finished, resume to go on.
+Not 0, so that a scheduler tells it from a finished run (Slurm ends a preempted job whose script
+exits 0 as COMPLETED and does not requeue it); not 128+n, which means "killed by signal n" without
+a save; distinct from EXIT_PEER_LOST, after which the newest checkpoint may be older."""
 
 _PREFIX = "modsquad/heartbeat/"
 
@@ -61,10 +69,23 @@ _COMM_MARKERS = ("gloo", "nccl", "connection reset", "connection closed", "conne
                  "broken pipe", "timed out", "timeout", "socket")
 
 
+def comm_failure_in(err: Optional[BaseException]) -> Optional[BaseException]:
+    """``err``, or the exception it was raised while handling, that is a failed collective: the last
+    error after a peer's death may be another one raised during the handling (seen: a loader worker
+    killed by the launcher's clean-up while a gloo error was being raised)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, dist.DistError):  # DistBackendError, DistNetworkError, DistStoreError
+            return err
+        if isinstance(err, RuntimeError) and any(m in str(err).lower() for m in _COMM_MARKERS):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def is_comm_failure(err: BaseException) -> bool:
-    if isinstance(err, dist.DistError):  # DistBackendError, DistNetworkError, DistStoreError
-        return True
-    return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in _COMM_MARKERS)
+    return comm_failure_in(err) is not None
 
 
 @contextlib.contextmanager
@@ -73,8 +94,9 @@ def fail_fast(rank: int, world_size: int) -> Iterator[None]:
     traceback and a teardown that may hang. Other exceptions keep their traceback."""
     try:
         yield
-    except Exception as err:
-        if world_size <= 1 or not is_comm_failure(err):
+    except Exception as raised:
+        err = comm_failure_in(raised) if world_size > 1 else None
+        if err is None:
             raise
         text = str(err).strip()
         first = text.splitlines()[0] if text else type(err).__name__

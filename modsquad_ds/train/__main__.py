@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from modsquad_ds.config import ConfigError, load_config
@@ -47,18 +48,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def validate_before_launch(cfg):
     """Everything that can be checked without talking to other ranks; raises ConfigError."""
-    from modsquad_ds.data.shard_index import index_path
     from modsquad_ds.distributed.bootstrap import plan_launch
     from modsquad_ds.distributed.ds_config import ds_config_for_run
+    from modsquad_ds.train.preflight import check_run
 
     ds_config = ds_config_for_run(cfg)
-    source = cfg.data.source_path()
-    if cfg.data.source == "shards" and not index_path(source, cfg.data.train_split).is_file():
-        raise ConfigError("data.shards_dir", f"no {cfg.data.train_split}.index.json in {source} "
-                          "(write shards with python -m data_tools.make_shards)")
-    if cfg.data.source == "raw" and not os.path.isdir(source):
-        raise ConfigError("data.raw_root", f"folder not found: {source}")
-    return (ds_config, *plan_launch(cfg, ds_config))
+    launch, dims = plan_launch(cfg, ds_config)
+    check_run(cfg, launch.world_size)
+    return ds_config, launch, dims
 
 
 def _cuda_available() -> bool:
@@ -81,9 +78,13 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    from modsquad_ds.data.corrupt import CorruptDataError
     from modsquad_ds.distributed.bootstrap import init_distributed, seed_everything, shutdown
-    from modsquad_ds.distributed.watchdog import EXIT_NONFINITE, die, fail_fast
-    from modsquad_ds.train.checkpoint import ResumeMismatch
+    from modsquad_ds.distributed.collectives import any_rank
+    from modsquad_ds.distributed.watchdog import EXIT_DATA, EXIT_NONFINITE, EXIT_STOPPED, die, fail_fast
+    from modsquad_ds.train.checkpoint import CheckpointDamaged, ResumeMismatch
+    from modsquad_ds.train.run_lock import RunFolderBusy, RunLock
+    from modsquad_ds.train.skips import describe
     from modsquad_ds.train.trainer import NonFiniteLoss, Trainer
 
     from deepspeed.utils import logger as ds_logger
@@ -103,14 +104,38 @@ def main(argv=None) -> int:
         return 2
     seed_everything(cfg.seed)
     with fail_fast(ctx.rank, ctx.world_size):
+        # The run folder belongs to one run: rank 0 locks it for the run's life (released by the
+        # kernel however the process ends) and every rank learns the verdict.
+        busy, lock = None, None
+        if ctx.rank == 0:
+            try:
+                lock = RunLock(cfg.train.out_dir).acquire()
+            except RunFolderBusy as err:
+                busy = err
+        if any_rank(busy is not None):
+            if busy is not None:
+                print(f"error: {busy}", file=sys.stderr, flush=True)
+            shutdown(ctx)
+            return 2
         if ctx.rank == 0:
             print(f"modsquad_ds.train: {dims.describe()} | {launch.describe()} | "
                   f"init {ctx.init_seconds:.1f}s", flush=True)
         try:
             result = Trainer(cfg, ds_config, ctx.rank, ctx.world_size).run()
+            if result.stopped_by_signal:
+                # Saved and on the way out: a launcher that sees the first rank exit EXIT_STOPPED
+                # sends the others SIGTERM (torchrun; srun --kill-on-bad-exit), which must not turn
+                # their clean exit into "killed" (srun would report 143, not 3). Set on every rank
+                # before shutdown's barrier, so before any rank can exit.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
         except NonFiniteLoss as err:
             die(f"rank {ctx.rank}: {err}", EXIT_NONFINITE)
-        except ResumeMismatch as err:
+        except CorruptDataError as err:
+            # raised in a loader worker, the DataLoader re-raises it with the worker's traceback in
+            # the message: its last line is "modsquad_ds.data.corrupt.CorruptDataError: <message>"
+            last = str(err).strip().splitlines()[-1]
+            die(f"rank {ctx.rank}: {last.split('CorruptDataError: ', 1)[-1]}", EXIT_DATA)
+        except (ResumeMismatch, CheckpointDamaged) as err:
             if ctx.rank == 0:
                 print(f"error: {err}", file=sys.stderr, flush=True)
             shutdown(ctx)
@@ -122,15 +147,21 @@ def main(argv=None) -> int:
                            f"{result.position.step} (raise train.steps to go on)")
             else:
                 status = "stopped early (run the same command to resume)" if result.stopped_early else "done"
+                if result.stopped_by_signal:
+                    status = f"stopped by SIGTERM, exit code {EXIT_STOPPED} (run the same command to resume)"
                 summary = (f"{status}: step {result.position.step}, loss {loss:.4f}, "
                            f"{result.images_per_second:.1f} images/s, first step after "
                            f"{result.seconds_to_first_step:.1f}s")
+            if result.skipped:
+                summary += f"\nwarning: {describe(result.skipped)}"
             print(f"{summary}\n"
                   f"run folder: {result.out_dir}\n"
                   f"checkpoint: {result.checkpoint}\n"
                   f"logs: tensorboard --logdir {result.out_dir / 'tensorboard'}", flush=True)
         shutdown(ctx)
-    return 0
+    if lock is not None:
+        lock.release()
+    return EXIT_STOPPED if result.stopped_by_signal else 0
 
 
 if __name__ == "__main__":

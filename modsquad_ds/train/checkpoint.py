@@ -7,10 +7,14 @@ Layout under ``{out_dir}/checkpoints``::
     latest                    the newest complete tag, replaced atomically (DeepSpeed's convention)
 
 A crash mid-save leaves only a ``.partial-*`` folder, which resume ignores (and the next save
-removes), so the previous checkpoint stays usable. DeepSpeed's own files keep their names
-(``mp_rank_00_model_states.pt``, ``layer_{L}_expert_{E}_mp_rank_00_model_states.pt``, optimizer
-shards), so its tools and our export read them. Our per-rank state (RNG streams) is saved as
-tensors and plain values and loaded with ``weights_only=True``.
+removes), so the previous checkpoint stays usable. Every complete folder holds a ``manifest.json``
+(sizes and SHA-256 of its files, written last, see manifest.py); resume verifies the newest folder
+against it and falls back to the newest intact one, renaming a damaged folder to ``damaged-step_*``
+so that it neither counts as a checkpoint nor gets overwritten. DeepSpeed's own files keep their
+names (``mp_rank_00_model_states.pt``, ``layer_{L}_expert_{E}_mp_rank_00_model_states.pt``,
+optimizer shards), so our export reads them; DeepSpeed's ``zero_to_fp32.py`` / ``zero_to_torch.py``
+copies are removed (they fail on MoE checkpoints: use ``python -m modsquad_ds.export``). Our per-rank
+state (RNG streams) is saved as tensors and plain values and loaded with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from modsquad_ds.distributed.collectives import is_distributed
+from modsquad_ds.train import manifest
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -94,6 +99,15 @@ class ResumeMismatch(ValueError):
     """The newest checkpoint was made under settings this run cannot continue from."""
 
 
+class CheckpointDamaged(ValueError):
+    """Checkpoints exist but none passes its manifest check: the message names the damaged file."""
+
+
+# DeepSpeed copies these into every ZeRO checkpoint (engine._copy_recovery_script); they reject
+# expert-parallel folders ("... is not a model state checkpoint"), so a user would find a broken tool.
+_DEEPSPEED_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
 def check_layout(folder: Path, layout: dict) -> None:
     """Refuse to resume under a different layout, with one line naming the setting.
 
@@ -128,8 +142,14 @@ def save(engine, root: Path, position: TrainPosition, extra: dict, keep: int, la
     torch.save(rng_state(), root / partial_tag / f"rng_rank{rank:05d}.pt")
     if rank == 0:
         (root / partial_tag / "layout.json").write_text(json.dumps({**layout, **asdict(position)}, indent=1))
-    _barrier()  # every rank's files are on disk before the folder is declared complete
+    _barrier()  # every rank's files are on disk before they are listed in the manifest
     if rank == 0:
+        for script in _DEEPSPEED_SCRIPTS:
+            (root / partial_tag / script).unlink(missing_ok=True)
+    _barrier()
+    sums = manifest.build(root / partial_tag)  # collective: each rank hashes its share
+    if rank == 0:
+        manifest.write(root / partial_tag, sums)  # last: a folder with a manifest is complete
         os.replace(root / partial_tag, root / tag)
         _write_atomic(root / "latest", tag)
         for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
@@ -138,13 +158,46 @@ def save(engine, root: Path, position: TrainPosition, extra: dict, keep: int, la
     return root / tag
 
 
-def load_latest(engine, root: Path, layout: dict) -> Optional[tuple[TrainPosition, dict]]:
-    """Load the newest complete checkpoint into ``engine`` (a collective); None if there is none."""
+def newest_intact(root: Path, on_skip: Optional[Callable[[str], None]] = None) -> Optional[Path]:
+    """The newest checkpoint folder that passes its manifest (a collective); None if there is none.
+    Damaged newer folders are renamed to ``damaged-step_*`` and reported through ``on_skip``; if
+    every folder is damaged, CheckpointDamaged names the newest one's damaged file."""
     found = complete_checkpoints(root)
-    if not found:
+    damaged = []
+    for folder in reversed(found):
+        problem = manifest.verify(folder)
+        if problem is None:
+            break
+        damaged.append((folder, problem))
+    else:
+        if damaged:
+            raise CheckpointDamaged(f"cannot resume from {root}: {damaged[0][1]}; no older checkpoint is "
+                                    "intact (restore the file, or start over with --no-resume)")
         return None
-    check_layout(found[-1], layout)
-    tag = found[-1].name
+    _barrier()  # every rank has verified before any folder is renamed
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for bad, problem in damaged:
+        aside = bad.with_name(f"damaged-{bad.name}")
+        if rank == 0:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(bad, aside)
+        if on_skip is not None:
+            on_skip(f"skipped checkpoint {bad.name} (moved to {aside.name}): {problem}")
+    if damaged and rank == 0:
+        _write_atomic(root / "latest", folder.name)
+    _barrier()
+    return folder
+
+
+def load_latest(engine, root: Path, layout: dict,
+                on_skip: Optional[Callable[[str], None]] = None) -> Optional[tuple[TrainPosition, dict]]:
+    """Load the newest intact checkpoint into ``engine`` (a collective); None if there is none.
+    ``on_skip`` receives one line per damaged newer checkpoint passed over."""
+    folder = newest_intact(root, on_skip)
+    if folder is None:
+        return None
+    check_layout(folder, layout)
+    tag = folder.name
     rank = dist.get_rank() if dist.is_initialized() else 0
     path, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)

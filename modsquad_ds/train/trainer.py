@@ -29,6 +29,7 @@ from modsquad_ds.train.logger import RunLogger
 from modsquad_ds.train.module import TrainModule
 from modsquad_ds.train.schedule import lr_lambda
 from modsquad_ds.train.signals import StopRequests
+from modsquad_ds.train.skips import SkipTally
 from modsquad_ds.train.usage import UsageAccumulator, plot_usage, write_usage
 
 # Embeddings, norms and biases take no weight decay (as timm / DeiT train ViTs).
@@ -51,6 +52,10 @@ class RunResult:
     """Optimizer steps taken by this invocation."""
     stopped_early: bool = False
     """Ended by train.stop_after or SIGTERM before train.steps; resume to continue."""
+    stopped_by_signal: bool = False
+    """Ended by SIGTERM (saved first): the process exits EXIT_STOPPED, not 0."""
+    skipped: dict = field(default_factory=dict)
+    """{shard: {reason: count}} of samples the loader skipped, all ranks, this invocation."""
 
 
 def manual_clip_norm(cfg: RunConfig, ds_config: dict) -> float:
@@ -99,6 +104,7 @@ class Trainer:
         self.usage = UsageAccumulator(cfg.tasks.names)
         self.position = checkpoint.TrainPosition()
         self.saved_step = -1
+        self.skips = SkipTally()
 
     def _write_run_files(self) -> None:
         if self.rank == 0:
@@ -129,13 +135,16 @@ class Trainer:
         started = time.perf_counter()
         self._write_run_files()
         engine = build_engine(cfg, self.ds_config)
+        notes: list[str] = []  # checkpoints skipped as damaged, logged once the logger exists
         if t.resume:
-            restored = checkpoint.load_latest(engine, self.ckpt_dir, self.layout())
+            restored = checkpoint.load_latest(engine, self.ckpt_dir, self.layout(), on_skip=notes.append)
             if restored is not None:
                 self.position, extra = restored
                 self.saved_step = self.position.step
                 self.usage.load_state_dict(extra.get("usage", {}))
         logger = RunLogger(self.out_dir, t.steps, self.position.step, self.rank == 0)
+        for note in notes:
+            logger.message(note)
         if self.position.step:
             logger.message(f"resumed from {self.ckpt_dir / checkpoint.tag_for(self.position.step)}")
         result = RunResult(self.out_dir, self.position)
@@ -147,6 +156,7 @@ class Trainer:
             logger.close()
         if self.saved_step != self.position.step:
             self._save(engine)
+        result.skipped = self.skips.summary()
         result.checkpoint = self.ckpt_dir / checkpoint.tag_for(self.position.step)
         return result
 
@@ -163,6 +173,7 @@ class Trainer:
             loader = build_train_loader(cfg, self.rank, self.world_size, pos.epoch, pos.batch_in_epoch)
             for batch in loader:
                 pos.batch_in_epoch += 1
+                self.skips.observe(loader)
                 boundary = engine.is_gradient_accumulation_boundary()
                 loss, stats, routing = engine(batch)
                 if not all_finite(loss.detach()):
@@ -189,9 +200,17 @@ class Trainer:
                 result.steps_run += 1
                 if not result.seconds_to_first_step:
                     result.seconds_to_first_step = time.perf_counter() - started
+                # one collective decides for all ranks: 2 = save and stop, 1 = save, 0 = go on
+                wish = all_reduce_scalar(2.0 if requests.stop else 1.0 if requests.save else 0.0, op="max")
+                save, stop = wish >= 1.0, wish >= 2.0
+                last = stop or pos.step >= stop_at  # logged too, however short the run
                 scalars = None
-                if pos.step % t.log_every == 0 or pos.step == t.steps:
+                if pos.step % t.log_every == 0 or last:
                     scalars = _mean_over_ranks(sums, micro_in_window)
+                    scalars["data/skipped"] = self.skips.sync()
+                    note = self.skips.due_message(pos.step)
+                    if note:
+                        logger.message(note)
                     elapsed = time.perf_counter() - window_start
                     scalars["perf/images_per_s"] = window_images / max(elapsed, 1e-9)
                     scalars["lr"] = engine.get_lr()[0]
@@ -199,13 +218,14 @@ class Trainer:
                     window_start, window_images = time.perf_counter(), 0
                     sums, micro_in_window = {}, 0  # logged values average the whole window
                 logger.step(pos.step, scalars)
-                # one collective decides for all ranks: 2 = save and stop, 1 = save, 0 = go on
-                wish = all_reduce_scalar(2.0 if requests.stop else 1.0 if requests.save else 0.0, op="max")
-                save, stop = wish >= 1.0, wish >= 2.0
                 if save or (t.checkpoint_every and pos.step % t.checkpoint_every == 0):
                     requests.save = False
-                    self._save(engine)
-                if stop or pos.step >= stop_at:
+                    path = self._save(engine)
+                    if save:
+                        why = "SIGTERM: saved, stopping" if stop else "SIGUSR1: saved, going on"
+                        logger.message(f"step {pos.step}: checkpoint {path} ({why})")
+                if last:
                     result.stopped_early = pos.step < t.steps
+                    result.stopped_by_signal = stop
                     return
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0

@@ -214,7 +214,8 @@ def test_resume_under_a_different_layout_is_refused_with_the_setting_named(shard
 
 
 def test_signals_save_on_demand_and_stop_cleanly(shards, tmp_path):
-    """SIGUSR1: checkpoint at the next step and go on; SIGTERM (Slurm's time limit): save and stop."""
+    """SIGUSR1: checkpoint at the next step and go on (logged); SIGTERM (Slurm's time limit): save and
+    stop with exit code 3, so that a scheduler can tell the stop from a finished run."""
     out = tmp_path / "run"
     metrics = out / "metrics.jsonl"
     proc = subprocess.Popen([python()] + _args(shards, out, "train.ep_size=1", "data.workers=0",
@@ -243,8 +244,9 @@ def test_signals_save_on_demand_and_stop_cleanly(shards, tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, output[-3000:]
-    assert "stopped early" in output
+    assert proc.returncode == 3, output[-3000:]
+    assert f"step {first.split('_')[1].lstrip('0')}: checkpoint " in output and "(SIGUSR1: saved, going on)" in output
+    assert "stopped by SIGTERM, exit code 3" in output
     last = (out / "checkpoints" / "latest").read_text()
     assert int(last.split("_")[1]) > int(first.split("_")[1])
     assert int(last.split("_")[1]) == logged_steps(), "the stop checkpoint is the last step taken"

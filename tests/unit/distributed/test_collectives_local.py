@@ -28,3 +28,19 @@ def test_comm_failure_classification():
     assert is_comm_failure(torch.distributed.DistNetworkError("x"))
     assert not is_comm_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_comm_failure(ValueError("gloo"))
+
+
+def test_comm_failure_found_behind_an_error_raised_while_handling_it():
+    """A peer's death under torchrun: the launcher's clean-up kills a loader worker while the gloo
+    error is being raised; the survivor must still see the failed collective (one line, exit 75)."""
+    from modsquad_ds.distributed.watchdog import comm_failure_in
+
+    gloo = RuntimeError("[../gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:1: Connection reset by peer")
+    try:
+        try:
+            raise gloo
+        except RuntimeError:
+            raise RuntimeError("DataLoader worker (pid 8572) is killed by signal: Terminated.")
+    except RuntimeError as err:
+        assert comm_failure_in(err) is gloo
+    assert comm_failure_in(RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")) is None

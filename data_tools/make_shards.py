@@ -58,6 +58,13 @@ def job_range(n: int, job_index: int, num_jobs: int) -> range:
     return range(lo, hi)
 
 
+def _one_thread() -> None:
+    """Writer processes resize with torch: one thread each, or N workers x N threads oversubscribe."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m data_tools.make_shards", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--samples-per-shard", type=int, help="samples per shard (exact)")
     size.add_argument("--shard-size-mb", type=float, default=1024.0,
                       help="target shard size in MB, estimated from 64 samples' file sizes (default 1024)")
+    ap.add_argument("--resize", type=int, metavar="PX",
+                    help="downscale every sample to PX x PX while writing, with task-correct resizing "
+                    "(nearest for ids, mask-aware averages for depth and other maps, renormalised normals; "
+                    "see data_tools/downscale.py); the index records it and training refuses another "
+                    "model.img_size. Cuts the loader's decode work by (stored/PX)^2. Default: copy files "
+                    "byte for byte. --shard-size-mb is estimated from the source files: prefer "
+                    "--samples-per-shard with it")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel writer processes")
     ap.add_argument("--job-index", type=int, default=0, help="this job's index in an array (0-based)")
     ap.add_argument("--num-jobs", type=int, default=1, help="number of jobs sharing the work")
@@ -91,6 +105,8 @@ def main(argv=None) -> int:
         ap.error(f"--job-index {args.job_index} must be in [0, --num-jobs={args.num_jobs})")
     if args.samples_per_shard is not None and args.samples_per_shard < 1:
         ap.error("--samples-per-shard must be >= 1")
+    if args.resize is not None and args.resize < 8:
+        ap.error("--resize must be >= 8 pixels")
     buildings = None
     if args.split_csv:
         try:
@@ -103,7 +119,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = make_plan(args.root, out, args.split, list(args.domains), buildings, args.seed,
-                     args.samples_per_shard, int(args.shard_size_mb * 1e6))
+                     args.samples_per_shard, int(args.shard_size_mb * 1e6), args.resize)
     s = plan.summary
     print(f"[{args.split}] {s['complete_samples']} complete samples -> {len(plan.shards)} shards of "
           f"{plan.samples_per_shard}; incomplete {s['incomplete_samples']} {s['missing_files_per_domain']}; "
@@ -122,7 +138,7 @@ def main(argv=None) -> int:
         bar = tqdm(total=len(todo), unit="shard", desc=f"{args.split} shards", disable=args.no_progress)
         skipped = 0
         if args.workers > 1 and len(todo) > 1:
-            with Pool(min(args.workers, len(todo))) as pool:
+            with Pool(min(args.workers, len(todo)), initializer=_one_thread) as pool:
                 for side in pool.imap_unordered(write_shard, todo):
                     skipped += len(side["skipped"])
                     bar.update()

@@ -19,6 +19,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_tools.downscale import RECIPE as RESIZE_RECIPE
+from data_tools.downscale import downscale_sample
+from modsquad_ds.data.decode import DecodeError
 from modsquad_ds.data.layout import domain_ext, scan_release
 from modsquad_ds.data.shard_index import index_path, write_index
 
@@ -34,6 +37,8 @@ class ShardJob:
     samples: list[tuple[str, dict[str, str]]]
     """(key, {domain: source path}) in shard order."""
     plan_hash: str
+    resize: int | None = None
+    """Downscale every sample to this size while writing (data_tools/downscale.py); None: copy."""
 
 
 @dataclass
@@ -45,6 +50,7 @@ class Plan:
     shards: list[ShardJob]
     summary: dict
     plan_hash: str
+    resize: int | None = None
 
 
 def shard_name(split: str, number: int) -> str:
@@ -60,21 +66,23 @@ def estimate_samples_per_shard(samples: list[dict[str, Path]], target_bytes: int
 
 def make_plan(root: str | Path, out_dir: str | Path, split: str, domains: list[str],
               buildings: list[str] | None, seed: int, samples_per_shard: int | None = None,
-              shard_bytes: int = 1 << 30) -> Plan:
+              shard_bytes: int = 1 << 30, resize: int | None = None) -> Plan:
     scan = scan_release(root, domains, buildings)
     ids = sorted(scan.samples)  # sorted first, so the shuffle does not depend on listing order
     random.Random(f"make_shards:{seed}").shuffle(ids)  # mixes buildings across all shards
     if samples_per_shard is None:
         samples_per_shard = estimate_samples_per_shard([scan.samples[i] for i in ids], shard_bytes, seed) if ids else 1
-    plan_hash = hashlib.sha256(json.dumps([split, domains, seed, samples_per_shard, [i.key for i in ids]])
-                               .encode()).hexdigest()[:16]
+    identity = [split, domains, seed, samples_per_shard, [i.key for i in ids]]
+    if resize is not None:  # appended only when set: plans without it keep their old hash
+        identity.append({"resize": resize, "recipe": RESIZE_RECIPE})
+    plan_hash = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
     shards = []
     for n, start in enumerate(range(0, len(ids), samples_per_shard)):
         chunk = ids[start:start + samples_per_shard]
         shards.append(ShardJob(split, n, shard_name(split, n), str(out_dir),
                                [(i.key, {d: str(scan.samples[i][d]) for d in domains}) for i in chunk],
-                               plan_hash))
-    return Plan(split, domains, seed, samples_per_shard, shards, scan.summary(), plan_hash)
+                               plan_hash, resize))
+    return Plan(split, domains, seed, samples_per_shard, shards, scan.summary(), plan_hash, resize)
 
 
 class _HashingFile:
@@ -137,10 +145,15 @@ def write_shard(job: ShardJob) -> dict:
                         problem = f"not a valid .{domain_ext(domain)} file: {path}"
                         break
                     blobs[domain] = data
+                if not problem and job.resize is not None:
+                    try:
+                        blobs = downscale_sample(blobs, job.resize)
+                    except DecodeError as err:
+                        problem = f"cannot downscale: {err}"
                 if problem:
                     skipped.append({"key": key, "reason": problem})
                     continue
-                for domain, data in blobs.items():
+                for domain, data in sorted(blobs.items()):
                     tf.addfile(_member(f"{key}.{domain}.{domain_ext(domain)}", data), io.BytesIO(data))
                 count += 1
         raw.flush()
@@ -170,6 +183,7 @@ def try_write_index(plan: Plan, out_dir: str | Path) -> Path | None:
     summary = dict(plan.summary, unreadable_samples=len(skipped), unreadable_examples=skipped[:10],
                    samples_per_shard=plan.samples_per_shard)
     return write_index(index_path(out_dir, plan.split), plan.split, plan.domains,
-                       [s for s in sides if s["samples"] > 0], plan.seed, summary)
+                       [s for s in sides if s["samples"] > 0], plan.seed, summary,
+                       resolution=plan.resize, resize=RESIZE_RECIPE if plan.resize is not None else None)
 
 

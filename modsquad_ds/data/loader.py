@@ -60,7 +60,7 @@ def _processor(cfg, epoch: int, train: bool) -> SampleProcessor:
     if d.class_scene_keep is not None:
         keep["class_scene"] = tuple(d.class_scene_keep)
     return SampleProcessor(list(cfg.tasks.names), cfg.model.img_size, seed=_seed(cfg), epoch=epoch,
-                           hflip=train and d.hflip, class_keep=keep)
+                           hflip=train and d.hflip, class_keep=keep, png_decoder=d.png_decoder)
 
 
 def _seed(cfg) -> int:

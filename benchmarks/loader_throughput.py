@@ -182,10 +182,11 @@ def main_per_core(args, raw: Path, shards: Path) -> int:
         print(f"{preset:<7}{size:>5}{r['full', 'pil']:>10.2f}{r['full', 'torchvision']:>9.2f}"
               f"{r['resize', 'pil']:>12.2f}{r['resize', 'torchvision']:>11.2f}{best / r['full', 'pil']:>14.1f}x")
     print(f"\n{'GPU rate (img/s per GPU)':<46}{'rate':>8}{'cores, full,pil':>17}{'cores, best':>13}")
-    per = {p: (r["full", "pil"], max(r.values())) for p, _, r in rows}
-    for preset, source, rate in gpu_rates(args.presets):
-        if preset in per:
-            f, s = per[preset]
+    per = {size: (r["full", "pil"], max(r.values())) for _, size, r in rows}  # the loader depends on the size
+    for preset, source, rate in gpu_rates(args.gpu_presets):
+        size = load_config(preset=preset).model.img_size
+        if size in per:
+            f, s = per[size]
             print(f"{preset + ': ' + source:<46}{rate:>8.1f}{rate / f:>17.1f}{rate / s:>13.1f}")
     return 0
 
@@ -229,6 +230,8 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=int, default=5, help="timed steps per model (small is slow on CPU)")
     ap.add_argument("--presets", nargs="+", default=["tiny", "small"])
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each loader epoch")
+    ap.add_argument("--gpu-presets", nargs="+", default=["small", "base"],
+                    help="--per-core: presets whose GPU consumption is compared (matched by input size)")
     ap.add_argument("--repeats", type=int, default=1, help="--per-core: rounds of the four variants")
     ap.add_argument("--per-core", action="store_true", help="one worker, rates per CPU-second, full-size vs "
                     "make_shards --resize shards, decoder comparison, cores per GPU (see the module doc)")

@@ -19,11 +19,14 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_tools.downscale import RECIPE as RESIZE_RECIPE
-from data_tools.downscale import downscale_sample
-from modsquad_ds.data.decode import DecodeError
 from modsquad_ds.data.layout import domain_ext, scan_release
 from modsquad_ds.data.shard_index import index_path, write_index
+
+def _resize_recipe() -> str:
+    from data_tools.downscale import RECIPE  # imports torch: only when --resize is used
+
+    return RECIPE
+
 
 _MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "npy": b"\x93NUMPY"}
 
@@ -74,7 +77,7 @@ def make_plan(root: str | Path, out_dir: str | Path, split: str, domains: list[s
         samples_per_shard = estimate_samples_per_shard([scan.samples[i] for i in ids], shard_bytes, seed) if ids else 1
     identity = [split, domains, seed, samples_per_shard, [i.key for i in ids]]
     if resize is not None:  # appended only when set: plans without it keep their old hash
-        identity.append({"resize": resize, "recipe": RESIZE_RECIPE})
+        identity.append({"resize": resize, "recipe": _resize_recipe()})
     plan_hash = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
     shards = []
     for n, start in enumerate(range(0, len(ids), samples_per_shard)):
@@ -146,6 +149,9 @@ def write_shard(job: ShardJob) -> dict:
                         break
                     blobs[domain] = data
                 if not problem and job.resize is not None:
+                    from data_tools.downscale import downscale_sample
+                    from modsquad_ds.data.decode import DecodeError
+
                     try:
                         blobs = downscale_sample(blobs, job.resize)
                     except DecodeError as err:
@@ -184,6 +190,6 @@ def try_write_index(plan: Plan, out_dir: str | Path) -> Path | None:
                    samples_per_shard=plan.samples_per_shard)
     return write_index(index_path(out_dir, plan.split), plan.split, plan.domains,
                        [s for s in sides if s["samples"] > 0], plan.seed, summary,
-                       resolution=plan.resize, resize=RESIZE_RECIPE if plan.resize is not None else None)
+                       resolution=plan.resize, resize=_resize_recipe() if plan.resize is not None else None)
 
 

@@ -60,10 +60,26 @@ def shard_name(split: str, number: int) -> str:
     return f"{split}-{number:06d}.tar"
 
 
-def estimate_samples_per_shard(samples: list[dict[str, Path]], target_bytes: int, seed: int) -> int:
-    """Samples per shard that gives ~``target_bytes`` shards, from the sizes of a seeded subset."""
+def estimate_samples_per_shard(samples: list[dict[str, Path]], target_bytes: int, seed: int,
+                               resize: int | None = None) -> int:
+    """Samples per shard that gives ~``target_bytes`` shards, from the sizes of a seeded subset
+    (with ``resize``: scaled by the size ratio that downscaling 4 of them actually gives)."""
     pick = random.Random(seed).sample(samples, min(64, len(samples)))
     avg = sum(sum(os.stat(p).st_size for p in files.values()) for files in pick) / max(1, len(pick))
+    if resize is not None and pick:
+        from data_tools.downscale import downscale_sample
+        from modsquad_ds.data.decode import DecodeError
+
+        before = after = 0
+        for files in pick[:4]:
+            blobs = {d: Path(p).read_bytes() for d, p in files.items()}
+            try:
+                small = downscale_sample(blobs, resize)
+            except (DecodeError, OSError):
+                continue  # the writer reports such samples; the estimate uses the others
+            before += sum(map(len, blobs.values()))
+            after += sum(map(len, small.values()))
+        avg *= after / before if before else 1.0
     return max(1, int(round(target_bytes / max(avg, 1.0))))
 
 
@@ -74,7 +90,8 @@ def make_plan(root: str | Path, out_dir: str | Path, split: str, domains: list[s
     ids = sorted(scan.samples)  # sorted first, so the shuffle does not depend on listing order
     random.Random(f"make_shards:{seed}").shuffle(ids)  # mixes buildings across all shards
     if samples_per_shard is None:
-        samples_per_shard = estimate_samples_per_shard([scan.samples[i] for i in ids], shard_bytes, seed) if ids else 1
+        samples_per_shard = (estimate_samples_per_shard([scan.samples[i] for i in ids], shard_bytes, seed, resize)
+                             if ids else 1)
     identity = [split, domains, seed, samples_per_shard, [i.key for i in ids]]
     if resize is not None:  # appended only when set: plans without it keep their old hash
         identity.append({"resize": resize, "recipe": _resize_recipe()})

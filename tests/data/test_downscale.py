@@ -23,7 +23,7 @@ STORED, SIZE = 64, 32  # the tiny preset's input size
 def full_and_small(tmp_path_factory):
     root = tmp_path_factory.mktemp("mini64")
     generate(root, buildings=1, points=2, views=4, resolution=STORED, seed=1, workers=2, progress=False)
-    out = {}
+    out = {"root": root}
     for name, extra in (("full", []), ("small", ["--resize", str(SIZE)])):
         out[name] = tmp_path_factory.mktemp(f"shards_{name}")
         assert make_shards.main(["--root", str(root), "--out", str(out[name]), "--split", "train",
@@ -87,3 +87,21 @@ def test_resize_never_enlarges(full_and_small, tmp_path, mini_root):
     summary = json.loads((tmp_path / "train.index.json").read_text())["summary"]
     assert rc == 0 and summary["unreadable_samples"] == 30
     assert "smaller than --resize 32" in summary["unreadable_examples"][0]["reason"]
+
+
+def test_shard_size_estimate_counts_downscaled_bytes(full_and_small):
+    """--shard-size-mb with --resize sizes shards from downscaled bytes, not the source files'."""
+    import tarfile
+
+    from data_tools.sharding import make_plan
+
+    def member_bytes(folder):
+        with tarfile.open(folder / "train-000000.tar") as tf:
+            return sum(m.size for m in tf if m.isfile()) / 8
+
+    ratio = member_bytes(full_and_small["full"]) / member_bytes(full_and_small["small"])
+    assert ratio > 1.5
+    root, domains, target = full_and_small["root"], make_shards.DEFAULT_DOMAINS, 200_000
+    resized = make_plan(root, root / "unused", "train", domains, None, 0, None, target, resize=SIZE)
+    copied = make_plan(root, root / "unused", "train", domains, None, 0, None, target)
+    assert resized.samples_per_shard == pytest.approx(copied.samples_per_shard * ratio, rel=0.15)

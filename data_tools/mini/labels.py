@@ -143,7 +143,7 @@ def segment_unsup2d(rgb: np.ndarray, seed: int) -> np.ndarray:
     if cut is None:  # never seen after a retry; the superpixels themselves are the closest fallback
         cut = labels
     # cut_normalized names each region by one of its Felzenszwalb ids (skimage.graph._graph_cut._label_all),
-    # not 0..k-1: the release stores those ids as 8-bit, spread over 0..255 (mean ~0.2-0.3 of 255).
+    # not 0..k-1; the field notes' recipe stops there, so those ids are what is stored, as 8 bits.
     return (cut % 256).astype(np.uint8)
 
 

@@ -36,8 +36,8 @@ ROOM_TYPES = [
     ("text", "gravel", (1.0, 0.9, 1.0), DEFAULT_SCENE_KEEP[61]),
 ]
 OBJECTS_MIN, OBJECTS_MAX = 6, 12
-"""Objects per camera point: indoor views are cluttered, and the clutter is what gives occlusion edges
-and keypoints their release-like density (mean targets ~0.001-0.02 at 512 px)."""
+"""Objects per camera point: indoor views are cluttered; the clutter gives occlusion edges, keypoints
+and superpixel cuts most of their density (docs/data.md: the mean targets against the release's)."""
 
 
 @dataclass

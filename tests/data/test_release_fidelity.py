@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 
 from data_tools.mini import render
+from data_tools.mini.labels import geometry_domains
+from data_tools.mini.render import CEILING, FLOOR
+from data_tools.mini.scene import make_scene
 from data_tools.mini_taskonomy import generate
 from modsquad_ds.data import decode
-from modsquad_ds.data.layout import SampleId, scan_release
+from modsquad_ds.data.layout import scan_release
 from modsquad_ds.data.tasks import get_task
 
 
@@ -45,7 +48,7 @@ def test_normals_follow_the_release_frame_rebuilt_from_depth_and_intrinsics(mini
     agree = total = 0
     for sid in scan_release(mini_root, ["depth_zbuffer", "normal"]).samples:
         rebuilt, ok = normals_from_depth(_read(mini_root, sid, "depth_zbuffer"))
-        target, mask = decode.to_target(get_task("normal"), _read(mini_root, sid, "normal"), None)
+        target, _ = decode.to_target(get_task("normal"), _read(mini_root, sid, "normal"), None)
         stored = target.transpose(1, 2, 0)[1:-1, 1:-1]
         for c in range(3):  # compare signs where both say clearly which way the component points
             sel = ok & (np.abs(rebuilt[..., c]) > 0.3) & (np.abs(stored[..., c]) > 0.3)
@@ -55,18 +58,13 @@ def test_normals_follow_the_release_frame_rebuilt_from_depth_and_intrinsics(mini
     assert agree / total > 0.97, f"normal signs agree with the depth on only {agree}/{total} components"
 
 
-def test_floor_points_up_and_ceiling_down_in_image_terms(mini_root):
+def test_floor_points_up_and_ceiling_down_in_image_terms():
     """Release: a floor decodes to n_y < 0 (about -0.84), a ceiling to n_y = +1 (y is image-down)."""
-    from data_tools.mini.render import CEILING, FLOOR
-    from data_tools.mini.scene import make_scene
-
     seen = set()
     for b, p, v in [(0, 0, 0), (1, 1, 1), (2, 2, 0)]:
         sc = make_scene(0, b, p, v)
         sc.cam_rot = _pitched(sc.cam_rot, 0.0)  # level camera: sees both floor and ceiling
         h = render.render(sc, 32)
-        from data_tools.mini.labels import geometry_domains
-
         n, _ = decode.to_target(get_task("normal"), geometry_domains(sc, h, 32)["normal"], None)
         n = n.reshape(3, -1)
         for sid, sign in ((FLOOR, -1), (CEILING, 1)):

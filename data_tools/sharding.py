@@ -22,6 +22,12 @@ from pathlib import Path
 from modsquad_ds.data.layout import domain_ext, scan_release
 from modsquad_ds.data.shard_index import index_path, write_index
 
+def _resize_recipe() -> str:
+    from data_tools.downscale import RECIPE  # imports torch: only when --resize is used
+
+    return RECIPE
+
+
 _MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "npy": b"\x93NUMPY"}
 
 
@@ -34,6 +40,8 @@ class ShardJob:
     samples: list[tuple[str, dict[str, str]]]
     """(key, {domain: source path}) in shard order."""
     plan_hash: str
+    resize: int | None = None
+    """Downscale every sample to this size while writing (data_tools/downscale.py); None: copy."""
 
 
 @dataclass
@@ -45,36 +53,56 @@ class Plan:
     shards: list[ShardJob]
     summary: dict
     plan_hash: str
+    resize: int | None = None
 
 
 def shard_name(split: str, number: int) -> str:
     return f"{split}-{number:06d}.tar"
 
 
-def estimate_samples_per_shard(samples: list[dict[str, Path]], target_bytes: int, seed: int) -> int:
-    """Samples per shard that gives ~``target_bytes`` shards, from the sizes of a seeded subset."""
+def estimate_samples_per_shard(samples: list[dict[str, Path]], target_bytes: int, seed: int,
+                               resize: int | None = None) -> int:
+    """Samples per shard that gives ~``target_bytes`` shards, from the sizes of a seeded subset
+    (with ``resize``: scaled by the size ratio that downscaling 4 of them actually gives)."""
     pick = random.Random(seed).sample(samples, min(64, len(samples)))
     avg = sum(sum(os.stat(p).st_size for p in files.values()) for files in pick) / max(1, len(pick))
+    if resize is not None and pick:
+        from data_tools.downscale import downscale_sample
+        from modsquad_ds.data.decode import DecodeError
+
+        before = after = 0
+        for files in pick[:4]:
+            blobs = {d: Path(p).read_bytes() for d, p in files.items()}
+            try:
+                small = downscale_sample(blobs, resize)
+            except (DecodeError, OSError):
+                continue  # the writer reports such samples; the estimate uses the others
+            before += sum(map(len, blobs.values()))
+            after += sum(map(len, small.values()))
+        avg *= after / before if before else 1.0
     return max(1, int(round(target_bytes / max(avg, 1.0))))
 
 
 def make_plan(root: str | Path, out_dir: str | Path, split: str, domains: list[str],
               buildings: list[str] | None, seed: int, samples_per_shard: int | None = None,
-              shard_bytes: int = 1 << 30) -> Plan:
+              shard_bytes: int = 1 << 30, resize: int | None = None) -> Plan:
     scan = scan_release(root, domains, buildings)
     ids = sorted(scan.samples)  # sorted first, so the shuffle does not depend on listing order
     random.Random(f"make_shards:{seed}").shuffle(ids)  # mixes buildings across all shards
     if samples_per_shard is None:
-        samples_per_shard = estimate_samples_per_shard([scan.samples[i] for i in ids], shard_bytes, seed) if ids else 1
-    plan_hash = hashlib.sha256(json.dumps([split, domains, seed, samples_per_shard, [i.key for i in ids]])
-                               .encode()).hexdigest()[:16]
+        samples_per_shard = (estimate_samples_per_shard([scan.samples[i] for i in ids], shard_bytes, seed, resize)
+                             if ids else 1)
+    identity = [split, domains, seed, samples_per_shard, [i.key for i in ids]]
+    if resize is not None:  # appended only when set: plans without it keep their old hash
+        identity.append({"resize": resize, "recipe": _resize_recipe()})
+    plan_hash = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
     shards = []
     for n, start in enumerate(range(0, len(ids), samples_per_shard)):
         chunk = ids[start:start + samples_per_shard]
         shards.append(ShardJob(split, n, shard_name(split, n), str(out_dir),
                                [(i.key, {d: str(scan.samples[i][d]) for d in domains}) for i in chunk],
-                               plan_hash))
-    return Plan(split, domains, seed, samples_per_shard, shards, scan.summary(), plan_hash)
+                               plan_hash, resize))
+    return Plan(split, domains, seed, samples_per_shard, shards, scan.summary(), plan_hash, resize)
 
 
 class _HashingFile:
@@ -147,10 +175,18 @@ def write_shard(job: ShardJob) -> dict:
                         problem = f"not a valid .{domain_ext(domain)} file: {path}"
                         break
                     blobs[domain] = data
+                if not problem and job.resize is not None:
+                    from data_tools.downscale import downscale_sample
+                    from modsquad_ds.data.decode import DecodeError
+
+                    try:
+                        blobs = downscale_sample(blobs, job.resize)
+                    except DecodeError as err:
+                        problem = f"cannot downscale: {err}"
                 if problem:
                     skipped.append({"key": key, "reason": problem})
                     continue
-                for domain, data in blobs.items():
+                for domain, data in sorted(blobs.items()):
                     tf.addfile(_member(f"{key}.{domain}.{domain_ext(domain)}", data), io.BytesIO(data))
                 count += 1
         raw.flush()
@@ -180,6 +216,7 @@ def try_write_index(plan: Plan, out_dir: str | Path) -> Path | None:
     summary = dict(plan.summary, unreadable_samples=len(skipped), unreadable_examples=skipped[:10],
                    samples_per_shard=plan.samples_per_shard)
     return write_index(index_path(out_dir, plan.split), plan.split, plan.domains,
-                       [s for s in sides if s["samples"] > 0], plan.seed, summary)
+                       [s for s in sides if s["samples"] > 0], plan.seed, summary,
+                       resolution=plan.resize, resize=_resize_recipe() if plan.resize is not None else None)
 
 

@@ -13,6 +13,7 @@ import functools
 import warnings
 
 import numpy as np
+from scipy.sparse.linalg import ArpackError
 from skimage import data as skdata
 from skimage import feature, filters, graph, segmentation
 from skimage.util import img_as_uint
@@ -24,6 +25,10 @@ from modsquad_ds.data import decode
 CURVATURE_ENCODE = 20.0
 """raw = 127 + 20 * k (k in 1/m): our objects' radii of 0.15-0.55 m (k up to 6.7) stay inside 8 bits."""
 TEXTURE_PX_PER_M = 160.0
+RESHADE_D0 = 1.8
+"""Distance (m) up to which the reshading lamp at the camera is at full strength."""
+RELEASE_FROM_CAMERA = np.array([1.0, -1.0, -1.0])
+"""Our camera frame (x right, y up, z back) -> the release's normal frame (x right, y down, z forward)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,12 +77,18 @@ def geometry_domains(scene: Scene, h: Hits, res: int) -> dict[str, np.ndarray]:
         out[hit] = np.clip(np.round(x[hit] * decode.DEPTH_UNITS_PER_METRE), 0, decode.DEPTH_INVALID_MIN - 1)
         return out
 
-    n_cam = h.normal @ scene.cam_rot  # world -> camera (rot is orthonormal, camera-to-world)
+    # World -> camera (rot is orthonormal, camera-to-world), then the release's frame: our camera has
+    # x right, y up, z towards the viewer; the release's decoded normals have x image-right, y
+    # image-down, z away from the camera (a floor decodes to n_y < 0, a ceiling to n_y = +1).
+    n_cam = (h.normal @ scene.cam_rot) * RELEASE_FROM_CAMERA
     normal = np.full((len(h.t), 3), 128, np.uint8)
     normal[hit] = np.clip(np.round(n_cam[hit] * decode.NORMAL_SCALE + decode.NORMAL_CENTER), 0, 255)
     # "new lighting": a lamp at the camera, unlike the rgb's ceiling light.
     reshade = np.zeros(len(h.t), np.uint8)
-    reshade[hit] = np.round(255 * (0.1 + 0.9 * _lambert(h, scene.cam_pos)[hit]))
+    # Inverse-square falloff from RESHADE_D0 on: real reshading images are dim away from the camera
+    # (mean ~0.2-0.3 of 255 on the release), not a flat cosine.
+    falloff = np.minimum(1.0, (RESHADE_D0 / np.maximum(h.t, 1e-6)) ** 2)
+    reshade[hit] = np.round(255 * np.clip(_lambert(h, scene.cam_pos) * falloff, 0, 1)[hit])
     curv = np.zeros((len(h.t), 3), np.uint8)  # invalid code (0, 0, 0)
     curv[hit, 0] = np.clip(np.round(decode.CURVATURE_CENTER + CURVATURE_ENCODE * h.k1[hit]), 1, 255)
     curv[hit, 1] = np.clip(np.round(decode.CURVATURE_CENTER + CURVATURE_ENCODE * h.k2[hit]), 1, 255)
@@ -102,7 +113,12 @@ def edge_texture(rgb: np.ndarray) -> np.ndarray:
     gray = _gray(rgb)
     ones = np.ones_like(gray)
     smooth = filters.gaussian(gray, sigma=3.0, mode="constant") / filters.gaussian(ones, sigma=3.0, mode="constant")
-    return img_as_uint(np.clip(filters.sobel(smooth), 0, 1))
+    edges = img_as_uint(np.clip(filters.sobel(smooth), 0, 1))
+    # The release is 0 on the 1-pixel image border (older scikit-image's sobel zeroed it; since
+    # 0.19 it reflects there instead): zero it as the release files are.
+    edges[[0, -1], :] = 0
+    edges[:, [0, -1]] = 0
+    return edges
 
 
 def keypoints2d(rgb: np.ndarray) -> np.ndarray:
@@ -116,9 +132,19 @@ def segment_unsup2d(rgb: np.ndarray, seed: int) -> np.ndarray:
     labels = segmentation.felzenszwalb(rgb, scale=200, sigma=3.0)
     if labels.max() == 0:  # one segment (tiny images): the region graph would have no edges
         return np.zeros(labels.shape, np.uint8)
-    g = graph.rag_mean_color(rgb, labels, mode="similarity")
-    cut = graph.cut_normalized(labels, g, thresh=0.005, num_cuts=10, max_edge=2.0, rng=seed)
-    return (segmentation.relabel_sequential(cut)[0] % 256).astype(np.uint8)
+    cut = None
+    for attempt in range(3):  # ARPACK's eigsh (inside cut_normalized) fails on some graphs from some
+        g = graph.rag_mean_color(rgb, labels, mode="similarity")  # start vectors: retry with another
+        try:
+            cut = graph.cut_normalized(labels, g, thresh=0.005, num_cuts=10, max_edge=2.0, rng=seed + attempt)
+            break
+        except ArpackError:
+            continue
+    if cut is None:  # never seen after a retry; the superpixels themselves are the closest fallback
+        cut = labels
+    # cut_normalized names each region by one of its Felzenszwalb ids (skimage.graph._graph_cut._label_all),
+    # not 0..k-1; the field notes' recipe stops there, so those ids are what is stored, as 8 bits.
+    return (cut % 256).astype(np.uint8)
 
 
 def edge_occlusion(depth_u16: np.ndarray) -> np.ndarray:

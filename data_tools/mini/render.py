@@ -33,8 +33,13 @@ class Hits:
     dirs_cam: np.ndarray  # (N, 3) unit ray directions in the camera frame
 
 
+def focal_px(res: int) -> float:
+    """Pinhole focal length in pixels (principal point at the image centre, pixel centres at +0.5)."""
+    return (res / 2) / np.tan(np.radians(FOV_DEG) / 2)
+
+
 def camera_rays(scene: Scene, res: int):
-    f = (res / 2) / np.tan(np.radians(FOV_DEG) / 2)
+    f = focal_px(res)
     j, i = np.meshgrid(np.arange(res) + 0.5, np.arange(res) + 0.5)
     d = np.stack([(j - res / 2) / f, -(i - res / 2) / f, -np.ones_like(i)], axis=-1).reshape(-1, 3)
     d /= np.linalg.norm(d, axis=1, keepdims=True)

@@ -41,6 +41,9 @@ class DataConfig:
     """Corrupt samples tolerated per rank and epoch (skipped and reported per shard); one more stops the run."""
     samples_per_epoch: Optional[int] = None
     """Use at most this many samples per epoch (all ranks together); null: the whole split."""
+    png_decoder: Literal["pil", "torchvision"] = "pil"
+    """PNG decoder of the loader workers: pil, or torchvision (libpng; same arrays, less CPU per
+    sample at 512 px: docs/benchmarks.md)."""
     class_object_keep: Optional[list[int]] = None
     """The 100 ImageNet indices kept for class_object; null: 0, 10, ..., 990 (see data/classes.py)."""
     class_scene_keep: Optional[list[int]] = None
@@ -59,6 +62,8 @@ class DataConfig:
             raise ConfigError("prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
         if self.shuffle_buffer < 0:
             raise ConfigError("shuffle_buffer", f"must be >= 0 (0 or 1: no shuffle), got {self.shuffle_buffer}")
+        if self.png_decoder not in ("pil", "torchvision"):
+            raise ConfigError("png_decoder", f"must be 'pil' or 'torchvision', got {self.png_decoder!r}")
         if self.max_corrupt < 0:
             raise ConfigError("max_corrupt", f"must be >= 0, got {self.max_corrupt}")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:

@@ -83,6 +83,28 @@ def decode_png(data: bytes) -> np.ndarray:
         raise DecodeError(f"undecodable PNG: {type(err).__name__}: {err}") from None
 
 
+def decode_png_torchvision(data: bytes) -> np.ndarray:
+    """The same arrays as :func:`decode_png` through torchvision.io (libpng), which inflates the
+    release's PNGs faster than PIL (docs/benchmarks.md); modes it does not return as 1 or 3
+    channels of uint8/uint16 (palette, alpha: PIL converts those to RGB) go through :func:`decode_png`."""
+    if not data.startswith(_PNG_SIGNATURE):
+        raise DecodeError("not a PNG (bad signature)")
+    if len(data) < 26 or data[25] not in (0, 2):  # IHDR colour type: only grey (0) and RGB (2) here
+        return decode_png(data)
+    import torch
+    from torchvision.io import ImageReadMode, decode_png as tv_decode_png
+
+    try:
+        img = tv_decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.UNCHANGED)
+    except Exception as err:  # libpng errors surface as RuntimeError
+        raise DecodeError(f"undecodable PNG: {type(err).__name__}: {err}") from None
+    if img.shape[0] == 1 and img.dtype in (torch.uint8, torch.uint16):
+        return img[0].numpy()
+    if img.shape[0] == 3 and img.dtype == torch.uint8:
+        return np.ascontiguousarray(img.numpy().transpose(1, 2, 0))
+    return decode_png(data)  # e.g. 16-bit RGB, which the release does not use
+
+
 def decode_npy(data: bytes) -> np.ndarray:
     """NPY bytes -> array; ``allow_pickle=False`` so an object array is refused, never unpickled."""
     if not data.startswith(_NPY_MAGIC):
@@ -97,7 +119,13 @@ DECODERS = {"png": decode_png, "npy": decode_npy}
 """The only handlers: extension -> function. Members with other extensions are never decoded."""
 
 
-def decode_member(ext: str, data: bytes) -> np.ndarray:
+PNG_DECODERS = {"pil": decode_png, "torchvision": decode_png_torchvision}
+"""``data.png_decoder`` -> function; both return identical arrays (tests/data/test_decode.py)."""
+
+
+def decode_member(ext: str, data: bytes, png_decoder: str = "pil") -> np.ndarray:
+    if ext == "png":
+        return PNG_DECODERS[png_decoder](data)
     try:
         return DECODERS[ext](data)
     except KeyError:

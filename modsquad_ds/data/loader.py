@@ -65,7 +65,7 @@ def _processor(cfg, epoch: int, train: bool) -> SampleProcessor:
     if d.class_scene_keep is not None:
         keep["class_scene"] = tuple(d.class_scene_keep)
     return SampleProcessor(list(cfg.tasks.names), cfg.model.img_size, seed=_seed(cfg), epoch=epoch,
-                           hflip=train and d.hflip, class_keep=keep)
+                           hflip=train and d.hflip, class_keep=keep, png_decoder=d.png_decoder)
 
 
 def _seed(cfg) -> int:
@@ -95,6 +95,10 @@ def build_shard_loader(cfg, split: str, rank: int, world_size: int, epoch: int, 
     missing = [x for x in _processor(cfg, epoch, False).domains if x not in index.domains]
     if missing:
         raise ValueError(f"{index.path}: shards lack domains {missing} needed by tasks.names")
+    if index.resolution is not None and index.resolution != cfg.model.img_size:
+        raise ValueError(f"{index.path}: shards were downscaled to {index.resolution} px when written "
+                         f"(make_shards --resize), but model.img_size is {cfg.model.img_size}: reshard "
+                         f"with --resize {cfg.model.img_size} or without --resize")
     shards = index.shards
     n = batches_per_rank(min(index.num_samples, d.samples_per_epoch or index.num_samples), world_size,
                          d.batch_size)

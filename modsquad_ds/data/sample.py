@@ -45,6 +45,8 @@ class SampleProcessor:
     epoch: int = 0
     hflip: bool = False
     class_keep: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    png_decoder: str = "pil"
+    """data.png_decoder: "pil" or "torchvision" (same arrays; see decode.PNG_DECODERS)."""
 
     def __post_init__(self):
         self.specs = [get_task(t) for t in self.tasks]
@@ -62,7 +64,7 @@ class SampleProcessor:
         raw = {}
         for d in self.domains:
             try:
-                raw[d] = decode.decode_member(domain_ext(d), files[d])
+                raw[d] = decode.decode_member(domain_ext(d), files[d], self.png_decoder)
             except decode.DecodeError as err:
                 raise SampleError("undecodable", f"{key} {d}: {err}") from None
         return raw

@@ -5,7 +5,8 @@
     {"format": "modsquad-taskonomy-shards", "version": 1, "split": "train",
      "domains": [...], "seed": 0, "num_samples": T,
      "shards": [{"name": "train-000000.tar", "samples": 512, "bytes": ..., "sha256": "..."}, ...],
-     "summary": {...what the scan could not use...}}
+     "summary": {...what the scan could not use...},
+     "resolution": 224, "resize": "task-aware-v1"}     # only when written with make_shards --resize
 
 Shard names are relative to the index file's folder. The loader plans epochs from the sample
 counts alone (no shard is opened to count), which is what makes equal batches per rank possible.
@@ -40,6 +41,11 @@ class ShardIndex:
     path: Path
     seed: int = 0
     summary: dict | None = None
+    resolution: int | None = None
+    """Image size the shards were downscaled to when written (``make_shards --resize``); None: as
+    stored in the release."""
+    resize: str | None = None
+    """Name of the resizing recipe used then (data_tools/downscale.py)."""
 
     @property
     def num_samples(self) -> int:
@@ -51,13 +57,15 @@ def index_path(out_dir: str | Path, split: str) -> Path:
 
 
 def write_index(path: str | Path, split: str, domains: list[str], shards: list[dict], seed: int,
-                summary: dict | None = None) -> Path:
+                summary: dict | None = None, resolution: int | None = None, resize: str | None = None) -> Path:
     """Atomically write the index (several array jobs may race to write the same content)."""
     path = Path(path)
     doc = {"format": FORMAT, "version": VERSION, "split": split, "domains": list(domains),
            "seed": seed, "num_samples": sum(s["samples"] for s in shards),
            "shards": [{k: s[k] for k in ("name", "samples", "bytes", "sha256")} for s in shards],
            "summary": summary or {}}
+    if resolution is not None:  # only downscaled shards carry these keys
+        doc.update(resolution=resolution, resize=resize)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, path)
@@ -79,4 +87,5 @@ def load_index(path: str | Path) -> ShardIndex:
     base = path.parent
     shards = [ShardInfo(s["name"], int(s["samples"]), int(s.get("bytes", 0)), s.get("sha256", ""),
                         str((base / s["name"]).resolve())) for s in doc["shards"]]
-    return ShardIndex(doc["split"], doc["domains"], shards, path, doc.get("seed", 0), doc.get("summary"))
+    return ShardIndex(doc["split"], doc["domains"], shards, path, doc.get("seed", 0), doc.get("summary"),
+                      doc.get("resolution"), doc.get("resize"))

@@ -114,3 +114,24 @@ def test_processor_batch_contract_from_encoded_files():
     # top output row covers input rows 0 (invalid) and 1 (valid): half valid -> valid, value 2 m exactly
     assert s["masks"]["depth_zbuffer"].all() and torch.allclose(s["targets"]["depth_zbuffer"], torch.tensor(2.0))
     assert s["targets"]["class_scene"].shape == (63,)
+
+
+def test_torchvision_png_decoder_returns_the_same_arrays_as_pil(mini_root):
+    """data.png_decoder=torchvision is a speed choice only: every release mode decodes identically,
+    palette and alpha images fall back to PIL's path, and damaged bytes raise DecodeError."""
+    from modsquad_ds.data.layout import SampleId
+
+    sid = SampleId("minibldg000", 0, 0)
+    for domain in ("rgb", "depth_zbuffer", "normal", "reshading", "edge_texture", "segment_unsup2d",
+                   "segment_semantic", "principal_curvature"):
+        data = sid.path(mini_root, domain).read_bytes()
+        a, b = decode.decode_png(data), decode.decode_png_torchvision(data)
+        assert a.dtype == b.dtype and np.array_equal(a, b), domain
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4)).convert("P").save(buf, format="PNG")
+    assert np.array_equal(decode.decode_png_torchvision(buf.getvalue()), decode.decode_png(buf.getvalue()))
+    good = sid.path(mini_root, "rgb").read_bytes()
+    with pytest.raises(decode.DecodeError):
+        decode.decode_png_torchvision(good[:40])

@@ -1,0 +1,107 @@
+"""Shard-time downscaling (make_shards --resize): the loader reads downscaled shards into the same
+batches as it makes from full-size shards by resizing itself, up to the re-encoding's rounding."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools import make_shards
+from data_tools.downscale import RECIPE
+from data_tools.mini_taskonomy import generate
+from modsquad_ds.data.decode import DEPTH_UNITS_PER_METRE, IMAGENET_STD
+from modsquad_ds.data.loader import build_shard_loader
+from modsquad_ds.data.shard_index import load_index
+
+from data_helpers import cfg_for
+
+STORED, SIZE = 64, 32  # the tiny preset's input size
+
+
+@pytest.fixture(scope="module")
+def full_and_small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mini64")
+    generate(root, buildings=1, points=2, views=4, resolution=STORED, seed=1, workers=2, progress=False)
+    out = {"root": root}
+    for name, extra in (("full", []), ("small", ["--resize", str(SIZE)])):
+        out[name] = tmp_path_factory.mktemp(f"shards_{name}")
+        assert make_shards.main(["--root", str(root), "--out", str(out[name]), "--split", "train",
+                                 "--samples-per-shard", "8", "--workers", "1", "--no-progress", *extra]) == 0
+    return out
+
+
+def _batches(shards_dir):
+    cfg = cfg_for(shards_dir, batch_size=4, workers=0, hflip=False)
+    assert cfg.model.img_size == SIZE
+    return list(build_shard_loader(cfg, "train", 0, 1, 0, train=False))
+
+
+def test_index_records_the_resize_and_files_keep_release_encodings(full_and_small):
+    index = load_index(full_and_small["small"] / "train.index.json")
+    assert (index.resolution, index.resize) == (SIZE, RECIPE)
+    assert load_index(full_and_small["full"] / "train.index.json").resolution is None
+    from data_tools.verify_shards import main as verify
+
+    assert verify(["--index", str(full_and_small["small"] / "train.index.json"), "--decode"]) == 0
+
+
+def test_downscaled_shards_give_the_loaders_own_resize(full_and_small):
+    full, small = _batches(full_and_small["full"]), _batches(full_and_small["small"])
+    assert [b["keys"] for b in full] == [b["keys"] for b in small] and len(full) == 2
+    for a, b in zip(full, small):
+        # rgb: bilinear before or after the ImageNet normalisation is the same map, up to 8-bit rounding
+        assert (a["image"] - b["image"]).abs().max() <= 0.6 / 255 / IMAGENET_STD.min() + 1e-4
+        assert a["masks"].keys() == b["masks"].keys()
+        for task, m in a["masks"].items():
+            assert torch.equal(m, b["masks"][task]), task  # masks from the raw values, both ways
+        for task, t in a["targets"].items():
+            u = b["targets"][task]
+            m = a["masks"].get(task)
+            sel = m.expand_as(t) if (m is not None and t.dim() == 4) else torch.ones_like(t, dtype=torch.bool)
+            if task in ("segment_unsup2d", "segment_unsup25d", "segment_semantic"):
+                assert torch.equal(t, u), task  # nearest on ids: exact
+                continue
+            if task.startswith("class_"):
+                assert torch.equal(t, u), task
+                continue
+            tol = {"depth_zbuffer": 0.51 / DEPTH_UNITS_PER_METRE, "depth_euclidean": 0.51 / DEPTH_UNITS_PER_METRE,
+                   "normal": 0.02, "principal_curvature": 0.6 / 127, "reshading": 0.6 / 255}.get(task, 0.6 / 65535)
+            err = (t - u)[sel].abs().max().item()
+            assert err <= tol, (task, err, tol)
+        n = b["targets"]["normal"].permute(1, 0, 2, 3).reshape(3, -1)
+        valid = b["masks"]["normal"].reshape(-1)
+        assert torch.allclose(n[:, valid].norm(dim=0), torch.ones(int(valid.sum())), atol=1e-5)
+
+
+def test_training_refuses_shards_downscaled_to_another_size(full_and_small):
+    cfg = cfg_for(full_and_small["small"], batch_size=4, workers=0)
+    cfg.model.img_size = 64
+    with pytest.raises(ValueError, match="downscaled to 32 px.*model.img_size is 64"):
+        build_shard_loader(cfg, "train", 0, 1, 0)
+
+
+def test_resize_never_enlarges(full_and_small, tmp_path, mini_root):
+    rc = make_shards.main(["--root", str(mini_root), "--out", str(tmp_path), "--split", "train",
+                           "--samples-per-shard", "30", "--workers", "1", "--no-progress", "--resize", "32"])
+    summary = json.loads((tmp_path / "train.index.json").read_text())["summary"]
+    assert rc == 0 and summary["unreadable_samples"] == 30
+    assert "smaller than --resize 32" in summary["unreadable_examples"][0]["reason"]
+
+
+def test_shard_size_estimate_counts_downscaled_bytes(full_and_small):
+    """--shard-size-mb with --resize sizes shards from downscaled bytes, not the source files'."""
+    import tarfile
+
+    from data_tools.sharding import make_plan
+
+    def member_bytes(folder):
+        with tarfile.open(folder / "train-000000.tar") as tf:
+            return sum(m.size for m in tf if m.isfile()) / 8
+
+    ratio = member_bytes(full_and_small["full"]) / member_bytes(full_and_small["small"])
+    assert ratio > 1.5
+    root, domains, target = full_and_small["root"], make_shards.DEFAULT_DOMAINS, 200_000
+    resized = make_plan(root, root / "unused", "train", domains, None, 0, None, target, resize=SIZE)
+    copied = make_plan(root, root / "unused", "train", domains, None, 0, None, target)
+    assert resized.samples_per_shard == pytest.approx(copied.samples_per_shard * ratio, rel=0.15)

@@ -2,7 +2,7 @@
 
     python -m modsquad_ds.evaluate --run runs/demo --split test
     python -m modsquad_ds.evaluate --run runs/demo --checkpoint 200 --split val --set data.batch_size=16
-    torchrun --nproc_per_node 2 -m modsquad_ds.evaluate --run runs/demo --split test --set train.ep_size=2
+    torchrun --nproc_per_node 2 -m modsquad_ds.evaluate runs/demo --split test --set train.ep_size=2
 
 The run's resolved config (``{run}/config.yaml``) is loaded, then ``--config`` files and ``--set``
 overrides (e.g. another ``data.shards_dir``). The checkpoint's weights go into a DeepSpeed engine at
@@ -33,7 +33,9 @@ from modsquad_ds.config import ConfigError, load_config
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m modsquad_ds.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, metavar="DIR", help="run folder (holds config.yaml, checkpoints/)")
+    parser.add_argument("run_folder", nargs="?", metavar="DIR", help="run folder, as an alternative to --run")
+    parser.add_argument("--run", metavar="DIR", help="run folder (holds config.yaml, checkpoints/); under torchrun "
+                        "give the folder positionally: torchrun reads --run as its own --run-path")
     parser.add_argument("--checkpoint", type=int, metavar="STEP", help="checkpoint step (default: the newest)")
     parser.add_argument("--split", default="val", help="split to evaluate: val or test (default val)")
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
@@ -42,7 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override one setting, e.g. --set data.shards_dir=/data/shards")
     parser.add_argument("--max-samples", type=int, help="evaluate only the split's first N samples")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if bool(args.run) == bool(args.run_folder):
+        parser.error("give the run folder once: --run DIR or DIR")
+    args.run = args.run or args.run_folder
+    return args
 
 
 def resolve(run_dir: Path, files, overrides, world_size: int):

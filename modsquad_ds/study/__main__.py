@@ -58,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--config", default="configs/demo.yaml", help="base run file every method layers over")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override for every run, e.g. data.batch_size=16")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--verbose", action="store_true", help="show each run's progress bars")
     return p.parse_args(argv)
 
@@ -70,6 +71,9 @@ def main(argv=None) -> int:
     import torch
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    # One intra-op thread: the tiny models gain nothing from two, and on a busy machine two
+    # spinning OpenMP threads made a 40-step run 3.4x slower (118 s vs 35 s, docs/evaluation.md).
+    torch.set_num_threads(args.threads)
     from modsquad_ds.config import ConfigError
 
     out = Path(args.out)

@@ -6,7 +6,9 @@ that better is positive, in percent:
 
     delta_t = (-1)^{l_t} (M_t - M_STL,t) / M_STL,t * 100,   l_t = 1 if lower is better
 
-and Delta_t is the mean over tasks. Depth counts by RMSE only (one value per depth task).
+and Delta_t is the mean over tasks. Depth counts by RMSE only (one value per depth task). A task
+whose baseline metric is 0 or undefined (e.g. an accuracy of 0 on a tiny split) has no relative
+change; it is reported as nan and left out of the mean.
 
     python -m modsquad_ds.eval.delta_t --baseline runs/stl/eval_test.json runs/mtl/eval_test.json ...
 
@@ -43,8 +45,8 @@ def task_deltas(metrics: Mapping[str, Mapping[str, float]], baseline: Mapping[st
 
 
 def delta_t(metrics, baseline, tasks=None) -> float:
-    """Mean over tasks of :func:`task_deltas` (the paper's Delta_t, in percent)."""
-    deltas = list(task_deltas(metrics, baseline, tasks).values())
+    """Mean over tasks of :func:`task_deltas` (the paper's Delta_t, in percent); nan deltas left out."""
+    deltas = [d for d in task_deltas(metrics, baseline, tasks).values() if not math.isnan(d)]
     return sum(deltas) / len(deltas) if deltas else float("nan")
 
 
@@ -62,7 +64,7 @@ def comparison_table(runs: Mapping[str, Mapping], baseline: Mapping, tasks: Sequ
     rows = [head, rule]
     for name, metrics in runs.items():
         d = task_deltas(metrics, baseline, tasks)
-        mean = sum(d.values()) / len(d) if d else float("nan")
+        mean = delta_t(metrics, baseline, tasks)
         rows.append(f"| {name} | {mean:+.2f} | " + " | ".join(f"{d[t]:+.2f}" for t in tasks) + " |")
     return "\n".join(rows)
 

@@ -56,6 +56,9 @@ def validate_before_launch(cfg):
     if cfg.data.source == "shards" and not index_path(source, cfg.data.train_split).is_file():
         raise ConfigError("data.shards_dir", f"no {cfg.data.train_split}.index.json in {source} "
                           "(write shards with python -m data_tools.make_shards)")
+    if cfg.train.eval_every and cfg.data.source == "shards" and not index_path(source, cfg.data.val_split).is_file():
+        raise ConfigError("train.eval_every", f"validation needs {cfg.data.val_split}.index.json in {source} "
+                          f"(python -m data_tools.make_shards --split {cfg.data.val_split})")
     if cfg.data.source == "raw" and not os.path.isdir(source):
         raise ConfigError("data.raw_root", f"folder not found: {source}")
     return (ds_config, *plan_launch(cfg, ds_config))

@@ -116,3 +116,7 @@ def test_delta_t_known_inputs():
     assert delta_t(run, stl) == pytest.approx(5 / 3)
     table = comparison_table({"run": run}, stl)
     assert "| run | +1.67 |" in table
+    # an undefined relative change (baseline accuracy 0) is nan and left out of the mean
+    zero = {**stl, "class_object": {"accuracy": 0.0}}
+    assert math.isnan(task_deltas(run, zero)["class_object"])
+    assert delta_t(run, zero) == pytest.approx(12.5)

@@ -104,12 +104,15 @@ def main(argv=None) -> int:
     jobs = [(seed, m, t) for seed in args.seeds for m in args.methods for t in (tasks if m == "stl" else [None])]
     results: dict = {}
     started = time.perf_counter()
+    run_seconds = 0.0
     for i, (seed, method, task) in enumerate(jobs, 1):
         name = f"{method}_{task}" if task else method
         spec = RunSpec(method, seed, out / f"seed{seed}" / name,
                        common + ([f"tasks.names=[{task}]"] if task else []))
         t0 = time.perf_counter()
         data = train_and_evaluate(spec, args.config, args.split)
+        timing = spec.out_dir / "study_seconds.json"
+        run_seconds += json.loads(timing.read_text()) if timing.is_file() else 0.0
         merged = results.setdefault(method, {}).setdefault(seed, {"tasks": {}, "usage": {}})
         merged["tasks"].update(data["tasks"])
         if not task:
@@ -118,10 +121,10 @@ def main(argv=None) -> int:
               f"(total {time.perf_counter() - started:.0f}s)", flush=True)
     (out / "results.json").write_text(json.dumps(results))
     labels = {m: METHODS[m][1] for m in args.methods}
-    settings = {"steps": str(args.steps), "split": args.split, "base config": args.config,
+    settings = {"methods": " ".join(args.methods), "steps": str(args.steps), "split": args.split, "base config": args.config,
                 "overrides": " ".join(args.overrides) or "none",
                 "device": "cuda" if torch.cuda.is_available() else "cpu",
-                "wall time": f"{(time.perf_counter() - started) / 60:.1f} min"}
+                "training and evaluation time": f"{run_seconds / 60:.1f} min"}
     path = build(results, labels, tasks, report_dir, settings)
     print(f"report: {path}")
     shutdown(ctx)

@@ -27,6 +27,9 @@ METHODS = {
     "moe_mlp_only": ("configs/baselines/moe_mlp_only.yaml", "MoE MLP only"),
     "moe_attn_only": ("configs/baselines/moe_attn_only.yaml", "MoE attn only"),
     "modsquad": ("configs/baselines/modsquad.yaml", "Mod-Squad"),
+    # fidelity variants (docs/evaluation.md)
+    "modsquad_authors": ("configs/baselines/modsquad_authors.yaml", "Mod-Squad, authors' choices"),
+    "modsquad_topk_mi": ("configs/baselines/modsquad_topk_mi.yaml", "Mod-Squad, MI over top-k gates"),
 }
 
 
@@ -44,7 +47,11 @@ def run_config(spec: RunSpec, base_config: str):
 
 
 def train_and_evaluate(spec: RunSpec, base_config: str, split: str) -> dict:
-    """Train (resuming a finished run is a no-op) and evaluate; returns the evaluation JSON."""
+    """Train and evaluate; returns the evaluation JSON, or the existing one of a finished run.
+    The seconds it took go into ``{run}/study_seconds.json`` (the report sums them)."""
+    import time
+
+    started = time.perf_counter()
     from modsquad_ds.eval.__main__ import evaluate_checkpoint
     from modsquad_ds.eval.checkpoints import find_checkpoint, step_of
     from modsquad_ds.eval.report import write_results
@@ -60,4 +67,5 @@ def train_and_evaluate(spec: RunSpec, base_config: str, split: str) -> dict:
     ckpt = find_checkpoint(spec.out_dir)
     result = evaluate_checkpoint(cfg, ds_config, ckpt, split, 0, 1, progress=False)
     path = write_results(spec.out_dir, result, step_of(ckpt), str(ckpt), cfg.tasks.names)
+    (spec.out_dir / "study_seconds.json").write_text(json.dumps(time.perf_counter() - started))
     return json.loads(path.read_text())

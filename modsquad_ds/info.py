@@ -79,6 +79,8 @@ def print_fidelity(preset: str, rows) -> None:
     print(f"{'setting':<56}{'Params (M)':>12}{'GFLOPs/img/task':>18}")
     for label, params, gflops in rows:
         print(f"{label:<56}{params:>12.1f}{gflops:>18.4g}")
+    if preset != "base":
+        return  # the paper's numbers are for ViT-B
     label, params, gflops = closest_to_paper(rows)
     print(f"closest to the paper's {PAPER_MODSQUAD[0]}M / {PAPER_MODSQUAD[1]} GFLOPs: {label} "
           f"({params:.1f}M / {gflops:.4g})")

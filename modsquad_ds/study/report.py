@@ -110,8 +110,8 @@ def build(results: Mapping[str, Mapping[int, dict]], labels: Mapping[str, str], 
         means = [mean_sd(v)[0] for v in dt.values()]
         if means and all(m < 0 for m in means):
             findings.append("Every multi-task model is worse than the single-task models here (all Delta_t < 0), "
-                            "unlike the paper's Table 2: at this budget a single-task model's whole capacity and loss "
-                            "serve one task.")
+                            "unlike the paper's Table 2 (one plausible reason: at this budget a single-task model's whole capacity and loss "
+                            "serve one task).")
         if "modsquad" in dt:
             ms_m, ms_s = mean_sd(dt["modsquad"])
             for variant, note in (("modsquad_authors", " (its wider dense attention heads also add parameters and "

@@ -94,7 +94,8 @@ def write_results(run_dir: Path, result, step: int, checkpoint: str, task_names:
         plots.similarity_map(out / f"{stem}_similarity.png", task_names, mats,
                              title="fraction of experts two tasks share on the same input")
     if tensorboard:
-        log_scalars(Path(run_dir) / "tensorboard", result, step)
+        log_scalars(Path(run_dir) / "tensorboard", result, step,
+                    [out / f"{stem}_usage.png", out / f"{stem}_similarity.png"])
     return path
 
 
@@ -110,9 +111,15 @@ def scalars(result) -> dict[str, float]:
     return out
 
 
-def log_scalars(tb_dir: Path, result, step: int) -> None:
+def log_scalars(tb_dir: Path, result, step: int, images: Sequence[Path] = ()) -> None:
+    """Scalars ``eval_{split}/...`` and the heat-map PNGs (as images) at ``step``."""
+    from matplotlib.image import imread
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(tb_dir)) as tb:
         for key, value in scalars(result).items():
             tb.add_scalar(key, value, step)
+        for png in images:
+            if Path(png).is_file():
+                tb.add_image(f"eval_{result.split}/{Path(png).stem.rsplit('_', 1)[-1]}", imread(png)[..., :3],
+                             step, dataformats="HWC")

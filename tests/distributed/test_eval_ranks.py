@@ -67,6 +67,15 @@ def test_two_ranks_expert_parallel_equal_one_process(trained):
     _close(one["usage"], two["usage"])
     assert (trained / "eval" / "test_step_00000002.md").is_file()
     assert (trained / "eval" / "test_step_00000002_similarity.png").stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = {}
+    for events in (trained / "tensorboard").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events)).Reload()
+        tags.update({k: acc.Tags()[k] for k in ("scalars", "images")} if not tags else
+                    {k: tags[k] + acc.Tags()[k] for k in ("scalars", "images")})
+    assert "eval_test/depth_zbuffer/rmse" in tags["scalars"]
+    assert {"eval_test/usage", "eval_test/similarity"} <= set(tags["images"])
 
 
 def _error_line(run_dir: Path) -> str:

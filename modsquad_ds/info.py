@@ -32,7 +32,8 @@ PAPER_MODSQUAD = (201.3, 19.7)
 FIDELITY_VARIANTS = [
     ("as configured", []),
     ("moe.wide_dense_attention=true", ["moe.wide_dense_attention=true"]),
-    ("moe.wide_dense_attention=true moe.attn.expert_dim=64", ["moe.wide_dense_attention=true", "moe.attn.expert_dim=64"]),
+    ("moe.wide_dense_attention=true moe.attn.expert_dim=64",
+     ["moe.wide_dense_attention=true", "moe.attn.expert_dim=64"]),
     ("model.class_head=mean_patch", ["model.class_head=mean_patch"]),
 ]
 

@@ -121,7 +121,8 @@ def main(argv=None) -> int:
               f"(total {time.perf_counter() - started:.0f}s)", flush=True)
     (out / "results.json").write_text(json.dumps(results))
     labels = {m: METHODS[m][1] for m in args.methods}
-    settings = {"methods": " ".join(args.methods), "steps": str(args.steps), "split": args.split, "base config": args.config,
+    settings = {"methods": " ".join(args.methods), "steps": str(args.steps), "split": args.split,
+                "base config": args.config,
                 "overrides": " ".join(args.overrides) or "none",
                 "device": "cuda" if torch.cuda.is_available() else "cpu",
                 "training and evaluation time": f"{run_seconds / 60:.1f} min"}

@@ -110,8 +110,8 @@ def build(results: Mapping[str, Mapping[int, dict]], labels: Mapping[str, str], 
         means = [mean_sd(v)[0] for v in dt.values()]
         if means and all(m < 0 for m in means):
             findings.append("Every multi-task model is worse than the single-task models here (all Delta_t < 0), "
-                            "unlike the paper's Table 2 (one plausible reason: at this budget a single-task model's whole capacity and loss "
-                            "serve one task).")
+                            "unlike the paper's Table 2 (one plausible reason: at this budget a single-task "
+                            "model's whole capacity and loss serve one task).")
         if "modsquad" in dt:
             ms_m, ms_s = mean_sd(dt["modsquad"])
             for variant, note in (("modsquad_authors", " (its wider dense attention heads also add parameters and "
@@ -119,7 +119,8 @@ def build(results: Mapping[str, Mapping[int, dict]], labels: Mapping[str, str], 
                                   ("modsquad_topk_mi", "")):
                 if variant in dt:
                     v_m, v_s = mean_sd(dt[variant])
-                    findings.append(f"Fidelity switch: {labels[variant]} reaches Delta_t {v_m:+.2f} ± {v_s:.2f} against "
+                    findings.append(f"Fidelity switch: {labels[variant]} reaches Delta_t {v_m:+.2f} ± {v_s:.2f} "
+                                    "against "
                                     f"Mod-Squad's {ms_m:+.2f} ± {ms_s:.2f}{note}.")
             for other in ("mtl", "normal_moe", "modified_moe", "m3vit"):
                 if other in dt:
@@ -199,7 +200,8 @@ def build(results: Mapping[str, Mapping[int, dict]], labels: Mapping[str, str], 
                     f"the same input, pairs across groups {a[0]:.3f} ± {a[1]:.3f} "
                     + ("(more than the summed spreads)" if w[0] > a[0] + w[1] + a[1] else "(within the spread)")
                     + f"; within 3D {w3[0]:.3f}, within 2D {w2[0]:.3f}. Its three task clusters are {desc}: "
-                    + (f"{mixed} of them mix tasks of different groups, so the clusters do not recover the 3D / 2D split."
+                    + (f"{mixed} of them mix tasks of different groups, so the clusters do not recover the "
+                       "3D / 2D split."
                        if mixed else "each holds tasks of one group only."))
         lines.append("")
         plots.similarity_map(out / "similarity.png", [SHORT.get(t, t) for t in order], mats,

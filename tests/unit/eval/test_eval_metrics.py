@@ -87,7 +87,8 @@ def test_sums_over_batches_equal_one_pass():
                          "edge_texture": torch.rand(6, 1, 4, 4, generator=g),
                          "class_object": torch.rand(6, 100, generator=g)},
              "masks": {"depth_zbuffer": torch.rand(6, 1, 4, 4, generator=g) > 0.3}}
-    preds = {"depth_zbuffer": torch.rand(6, 1, 4, 4, generator=g) + 0.5, "edge_texture": torch.rand(6, 1, 4, 4, generator=g),
+    preds = {"depth_zbuffer": torch.rand(6, 1, 4, 4, generator=g) + 0.5,
+             "edge_texture": torch.rand(6, 1, 4, 4, generator=g),
              "class_object": torch.randn(6, 100, generator=g)}
     whole = MetricSums(tasks)
     whole.update(preds, batch)

@@ -40,7 +40,8 @@ def test_wide_dense_attention_only_in_blocks_with_moe_mlp():
     assert widths == {1: 2 * d, 3: 2 * d}
     assert model.blocks[1].attn.attn.head_dim == 2 * d // h
     _, mlp_only = _model("moe.wide_dense_attention=true", "moe.attn.enabled=false")
-    assert {i: b.attn.attn.qkv.weight.shape[0] // 3 for i, b in enumerate(mlp_only.blocks)} == {0: d, 1: 2 * d, 2: d, 3: 2 * d}
+    widths = {i: b.attn.attn.qkv.weight.shape[0] // 3 for i, b in enumerate(mlp_only.blocks)}
+    assert widths == {0: d, 1: 2 * d, 2: d, 3: 2 * d}
 
 
 def test_mean_patch_class_head():

@@ -10,9 +10,11 @@ and Delta_t is the mean over tasks. Depth counts by RMSE only (one value per dep
 whose baseline metric is 0 or undefined (e.g. an accuracy of 0 on a tiny split) has no relative
 change; it is reported as nan and left out of the mean.
 
-    python -m modsquad_ds.eval.delta_t --baseline runs/stl/eval_test.json runs/mtl/eval_test.json ...
+    python -m modsquad_ds.eval.delta_t --baseline runs/stl/eval/test_step_00000100.json \
+        runs/mtl/eval/test_step_00000100.json runs/modsquad/eval/test_step_00000100.json
 
-prints a markdown table (one row per run: Delta_t, then each task's delta).
+prints a markdown table (one row per run: Delta_t, then each task's delta). STL is one run per task:
+repeat ``--baseline`` once per task's evaluation file and their tasks are merged.
 """
 
 from __future__ import annotations
@@ -72,12 +74,16 @@ def comparison_table(runs: Mapping[str, Mapping], baseline: Mapping, tasks: Sequ
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m modsquad_ds.eval.delta_t", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline", required=True, help="evaluation JSON of the single-task baseline(s)")
+    parser.add_argument("--baseline", action="append", required=True, metavar="JSON",
+                        help="evaluation JSON of a single-task baseline; repeat for one file per task")
     parser.add_argument("runs", nargs="+", help="evaluation JSONs to compare")
     args = parser.parse_args(argv)
     try:
-        baseline = load_metrics(args.baseline)
-        runs = {str(Path(p).parent.name or p): load_metrics(p) for p in args.runs}
+        baseline = {}
+        for path in args.baseline:
+            baseline.update(load_metrics(path))
+        # eval files live in {run}/eval/: name each row by its run folder
+        runs = {Path(p).resolve().parent.parent.name: load_metrics(p) for p in args.runs}
     except (OSError, ValueError, KeyError) as err:
         print(f"error: cannot read evaluation file: {err}", file=sys.stderr)
         return 2

@@ -121,3 +121,21 @@ def test_delta_t_known_inputs():
     zero = {**stl, "class_object": {"accuracy": 0.0}}
     assert math.isnan(task_deltas(run, zero)["class_object"])
     assert delta_t(run, zero) == pytest.approx(12.5)
+
+
+def test_delta_t_command_merges_per_task_baselines(tmp_path, capsys):
+    import json
+
+    from modsquad_ds.eval.delta_t import main
+
+    files = []
+    for name, tasks in (("stl_depth", {"depth_zbuffer": {"rmse": 2.0}}),
+                        ("stl_cls", {"class_object": {"accuracy": 0.5}}),
+                        ("mtl", {"depth_zbuffer": {"rmse": 1.0}, "class_object": {"accuracy": 0.5}})):
+        (tmp_path / name / "eval").mkdir(parents=True)
+        path = tmp_path / name / "eval" / "test_step_00000001.json"
+        path.write_text(json.dumps({"tasks": tasks}))
+        files.append(str(path))
+    assert main(["--baseline", files[0], "--baseline", files[1], files[2]]) == 0
+    out = capsys.readouterr().out
+    assert "| mtl | +25.00 | +50.00 | +0.00 |" in out  # depth RMSE halved: +50 %; accuracy equal: 0

@@ -48,8 +48,13 @@ class ModelConfig:
     pretrained: Optional[str] = None
     """Local path of a dense timm ViT checkpoint (.pth/.pt/.bin/.safetensors) that initialises the
     dense parts: patch embedding, position embedding, norms, dense attention and dense MLPs."""
+    class_head: Literal["cls_token", "mean_patch"] = "cls_token"
+    """Fidelity switch. cls_token: a linear layer on the class token (paper, Fig. 2); mean_patch: the
+    authors' code, the mean of the patch tokens, a LayerNorm, then the linear layer."""
 
     def __post_init__(self):
+        _require(self.class_head in ("cls_token", "mean_patch"), "class_head",
+                 f"must be 'cls_token' or 'mean_patch', got {self.class_head!r}")
         for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
             _require(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
         _require(self.img_size % self.patch_size == 0, "img_size",
@@ -102,6 +107,13 @@ class MoEConfig:
     """Noisy top-k gating (paper eq. 2); the noise is applied in training only."""
     noise_epsilon: float = 1e-2
     """Added to softplus(x W_noise) so the noise never collapses to zero (reference code)."""
+    eval_noise: bool = False
+    """Fidelity switch: keep the router noise on in evaluation too, as the authors' code does (its
+    gates never check the training flag). Off by default: evaluation is then deterministic."""
+    wide_dense_attention: bool = False
+    """Fidelity switch: the dense attention of blocks that hold an MoE MLP (the alternating layout's
+    odd blocks) uses heads of width 2 * embed_dim / num_heads, as the authors' code does; false: the
+    standard width embed_dim / num_heads. Adds parameters and FLOPs (python -m modsquad_ds.info)."""
 
     def __post_init__(self):
         _require(self.placement in ("alternate", "every"), "placement",
@@ -124,8 +136,14 @@ class LossConfig:
     """uncertainty: learned 0.5/sigma^2 L + log(1 + sigma^2) per task (Kendall et al.); fixed:
     the constant weights of loss.task_weights (default 1)."""
     task_weights: dict[str, float] = field(default_factory=dict)
+    mi_table: Literal["probs", "topk_gates"] = "probs"
+    """Fidelity switch. probs: the MI table sums the full softmax P(e|x) over tokens (our reading of
+    paper eq. 5 and the authors' code); topk_gates: it sums only the top-k gate values (the paper's
+    G(x), zero outside the top-k)."""
 
     def __post_init__(self):
+        _require(self.mi_table in ("probs", "topk_gates"), "mi_table",
+                 f"must be 'probs' or 'topk_gates', got {self.mi_table!r}")
         _require(self.aux in ("mi", "balance", "none"), "aux",
                  f"must be one of mi, balance, none, got {self.aux!r}")
         _require(self.task_weighting in ("uncertainty", "fixed"), "task_weighting",

@@ -59,6 +59,11 @@ class TrainConfig:
     """A rank silent this long (killed, node lost) ends the job; 0 disables the heartbeat."""
     nonfinite_patience: int = 3
     """Consecutive optimizer steps with a non-finite loss on any rank before the job stops."""
+    eval_every: int = 0
+    """Validate every N optimizer steps on a fixed subset (the first train.eval_samples samples of
+    data.val_split), logging the paper's metrics to TensorBoard as eval_{split}/...; 0: never."""
+    eval_samples: int = 64
+    """Size of that fixed validation subset (all ranks together)."""
 
     def __post_init__(self):
         from modsquad_ds.config.schema import ConfigError
@@ -93,5 +98,7 @@ class TrainConfig:
         require(self.dist_timeout_s > 0, "dist_timeout_s", f"must be positive, got {self.dist_timeout_s}")
         require(self.heartbeat_timeout_s >= 0, "heartbeat_timeout_s",
                 f"must be >= 0 (0: off), got {self.heartbeat_timeout_s}")
+        require(self.eval_every >= 0, "eval_every", f"must be >= 0 (0: never), got {self.eval_every}")
+        require(self.eval_samples >= 1, "eval_samples", f"must be >= 1, got {self.eval_samples}")
         require(self.nonfinite_patience >= 1, "nonfinite_patience",
                 f"must be >= 1, got {self.nonfinite_patience}")

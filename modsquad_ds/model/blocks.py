@@ -16,9 +16,10 @@ from modsquad_ds.moe.stats import RoutingStats
 
 
 class DenseAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, head_dim: Optional[int] = None):
         super().__init__()
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        # head_dim None: dim / num_heads; the authors' odd blocks use 2 * dim / num_heads
+        self.attn = Attention(dim, num_heads=num_heads, attn_head_dim=head_dim, qkv_bias=qkv_bias)
 
     def forward(self, x_TBND, task_ids_T=None):
         t, b, n, d = x_TBND.shape

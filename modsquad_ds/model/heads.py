@@ -2,7 +2,8 @@
 
 - pixel tasks: a linear patch decoder, each patch token -> (patch x patch x C) values, un-patchified
   into a (C, H, W) map;
-- classification tasks: a linear layer on the class token.
+- classification tasks: a linear layer on the class token (or, ``model.class_head: mean_patch``, on
+  the normalised mean of the patch tokens, as the authors' code).
 """
 
 from __future__ import annotations
@@ -35,7 +36,20 @@ class ClassHead(nn.Module):
         return self.proj(tokens_BND[:, 0])
 
 
-def make_head(spec: TaskSpec, dim: int, patch_size: int, grid: int) -> nn.Module:
+class MeanPatchClassHead(nn.Module):
+    """The authors' classification head: mean of the patch tokens, LayerNorm, linear
+    (``model.class_head: mean_patch``)."""
+
+    def __init__(self, dim: int, classes: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.proj = nn.Linear(dim, classes)
+
+    def forward(self, tokens_BND: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(tokens_BND[:, 1:].mean(dim=1)))
+
+
+def make_head(spec: TaskSpec, dim: int, patch_size: int, grid: int, class_head: str = "cls_token") -> nn.Module:
     if spec.kind == "pixel":
         return PixelHead(dim, spec.channels, patch_size, grid)
-    return ClassHead(dim, spec.channels)
+    return MeanPatchClassHead(dim, spec.channels) if class_head == "mean_patch" else ClassHead(dim, spec.channels)

@@ -47,7 +47,8 @@ class MultiTaskObjective(nn.Module):
         if cfg.aux == "none" or not out.routing:
             return total, stats
         for r in out.routing:
-            table = reduce_table(r.prob_table_TE)
+            use_gates = cfg.mi_table == "topk_gates" and cfg.aux == "mi" and r.gate_table_TE is not None
+            table = reduce_table(r.gate_table_TE if use_gates else r.prob_table_TE)
             if cfg.aux == "mi":
                 mi = mutual_information(table)
                 stats[f"mi/{r.layer}"] = mi.detach()

@@ -22,6 +22,7 @@ from modsquad_ds.model.heads import make_head
 from modsquad_ds.model.output import ModelOutput
 from modsquad_ds.moe.attention import MoEAttention
 from modsquad_ds.moe.layer import MoEMlp
+from modsquad_ds.moe.router import TaskRouter
 
 TaskSelector = Union[None, Sequence[str], Sequence[int], torch.Tensor]
 
@@ -58,9 +59,11 @@ class ModSquadViT(nn.Module):
         mlp_dim = moe.mlp.resolved_dim(model.mlp_hidden)
         blocks = []
         for i, (moe_attn, moe_mlp) in enumerate(block_kinds(model.depth, moe)):
+            wide = moe.wide_dense_attention and moe_mlp  # the authors' odd blocks
             attn = (MoEAttention(d, attn_dim, moe.attn.num_experts, moe.attn.top_k, num_tasks,
                                  moe.router_noise, moe.noise_epsilon, model.qkv_bias)
-                    if moe_attn else DenseAttention(d, model.num_heads, model.qkv_bias))
+                    if moe_attn else DenseAttention(d, model.num_heads, model.qkv_bias,
+                                                    2 * d // model.num_heads if wide else None))
             mlp = (MoEMlp(d, mlp_dim, moe.mlp.num_experts, moe.mlp.top_k, num_tasks,
                           moe.router_noise, moe.noise_epsilon)
                    if moe_mlp else DenseMlp(d, model.mlp_hidden))
@@ -68,8 +71,11 @@ class ModSquadViT(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.heads = nn.ModuleDict(
-            {name: make_head(get_task(name), d, model.patch_size, grid) for name in self.task_names})
+            {name: make_head(get_task(name), d, model.patch_size, grid, model.class_head) for name in self.task_names})
         self._init_weights()
+        for module in self.modules():
+            if isinstance(module, TaskRouter):
+                module.noise_at_eval = moe.eval_noise
         for name, module in self.named_modules():
             if isinstance(module, (MoEAttention, MoEMlp)):
                 module.name = name

@@ -33,6 +33,9 @@ class RoutingResult:
 
 
 class TaskRouter(nn.Module):
+    noise_at_eval = False
+    """Noise in evaluation too (``moe.eval_noise``, the authors' behaviour); set by the model."""
+
     def __init__(self, dim: int, num_experts: int, top_k: int, num_tasks: int,
                  noisy: bool = True, noise_epsilon: float = 1e-2):
         super().__init__()
@@ -56,7 +59,7 @@ class TaskRouter(nn.Module):
     def forward(self, x_TSD: torch.Tensor, task_ids_T: torch.Tensor) -> RoutingResult:
         x = x_TSD.float()
         logits = torch.bmm(x, self.task_wg[task_ids_T].float())
-        if self.task_wnoise is not None and self.training:
+        if self.task_wnoise is not None and (self.training or self.noise_at_eval):
             noise_std = F.softplus(torch.bmm(x, self.task_wnoise[task_ids_T].float()))
             logits = logits + torch.randn_like(logits) * (noise_std + self.noise_epsilon)
         probs = logits.softmax(dim=-1)

@@ -56,6 +56,16 @@ def check_shards(cfg, world_size: int) -> None:
         raise ConfigError("data.batch_size", f"{err} (split {d.train_split!r} of {path.parent})") from None
 
 
+def check_validation_split(cfg) -> None:
+    """``train.eval_every`` validates on ``data.val_split``: its index must exist."""
+    from modsquad_ds.data.shard_index import index_path
+
+    d = cfg.data
+    if not index_path(d.source_path(), d.val_split).is_file():
+        raise ConfigError("train.eval_every", f"validation needs {d.val_split}.index.json in {d.source_path()} "
+                          f"(python -m data_tools.make_shards --split {d.val_split})")
+
+
 def check_out_dir(out_dir: str) -> None:
     """Create ``out_dir`` and write a probe file into it (a permission, a read-only mount or a file
     in the way all surface here)."""
@@ -73,6 +83,8 @@ def check_run(cfg, world_size: int) -> None:
     source = cfg.data.source_path()
     if cfg.data.source == "shards":
         check_shards(cfg, world_size)
+        if cfg.train.eval_every:
+            check_validation_split(cfg)
     elif not os.path.isdir(source):
         raise ConfigError("data.raw_root", f"folder not found: {source}")
     check_out_dir(cfg.train.out_dir)

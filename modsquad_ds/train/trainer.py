@@ -8,6 +8,7 @@ whole global batch). DeepSpeed averages gradients, accumulates micro steps and c
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,21 @@ class Trainer:
             plot_usage(self.out_dir / "usage.png", self.cfg.tasks.names, tables)
         return path
 
+    def _validate(self, engine, logger: RunLogger) -> None:
+        """train.eval_every: the evaluation command's metrics on a fixed validation subset (a collective)."""
+        from modsquad_ds.eval.report import scalars
+        from modsquad_ds.eval.runner import evaluate_model
+
+        cfg = self.cfg
+        result = evaluate_model(engine.module.model, cfg, cfg.data.val_split, self.rank, self.world_size,
+                                cfg.train.eval_samples)
+        if logger.enabled:
+            values = scalars(result)
+            for key, value in values.items():
+                logger.tb.add_scalar(key, value, self.position.step)
+            with open(self.out_dir / "eval_during_training.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.position.step, **values}) + "\n")
+
     def run(self) -> RunResult:
         cfg, t = self.cfg, self.cfg.train
         started = time.perf_counter()
@@ -218,6 +234,8 @@ class Trainer:
                     window_start, window_images = time.perf_counter(), 0
                     sums, micro_in_window = {}, 0  # logged values average the whole window
                 logger.step(pos.step, scalars)
+                if t.eval_every and pos.step % t.eval_every == 0:
+                    self._validate(engine, logger)
                 if save or (t.checkpoint_every and pos.step % t.checkpoint_every == 0):
                     requests.save = False
                     path = self._save(engine)

@@ -19,3 +19,16 @@ def test_info_rejects_a_bad_override_with_the_key():
                              "--set", "moe.mlp.top_k=99"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "moe.mlp.top_k" in result.stderr
+
+
+def test_info_fidelity_switches_on_tiny():
+    from modsquad_ds.info import closest_to_paper, fidelity_rows
+
+    rows = {label: (params, gflops) for label, params, gflops in fidelity_rows("tiny", [])}
+    base, wide = rows["as configured"], rows["moe.wide_dense_attention=true"]
+    # tiny: d=64, 4 heads; wide heads double qkv and proj of the 2 blocks with an MoE MLP:
+    # (64*384 + 384) + (128*64 + 64) - (64*192 + 192) - (64*64 + 64) = 16,576 parameters per block
+    assert round((wide[0] - base[0]) * 1e6) == 2 * 16_576
+    assert wide[1] > base[1]
+    assert round((rows["model.class_head=mean_patch"][0] - base[0]) * 1e6) == 2 * 64 * 2  # two class heads' norms
+    assert closest_to_paper(list((k, *v) for k, v in rows.items()))[0] in rows

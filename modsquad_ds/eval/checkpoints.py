@@ -1,0 +1,74 @@
+"""Finding and checking a run's checkpoint before any process group starts, and loading its weights
+into a DeepSpeed engine (module only: weights load at any world size and ep_size, see the DeepSpeed
+notes in docs/evaluation.md)."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+from modsquad_ds.train.checkpoint import complete_checkpoints, tag_for
+
+MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+class CheckpointError(ValueError):
+    """A missing, incomplete or corrupt checkpoint; the message is one line for the user."""
+
+
+def find_checkpoint(run_dir: Path, step: Optional[int] = None) -> Path:
+    """The folder of checkpoint ``step`` (default: the newest complete one) in ``run_dir``."""
+    root = Path(run_dir) / "checkpoints"
+    found = complete_checkpoints(root)
+    if step is None:
+        if not found:
+            raise CheckpointError(f"no complete checkpoint in {root} (train the run first)")
+        return found[-1]
+    folder = root / tag_for(step)
+    if not folder.is_dir():
+        have = ", ".join(p.name for p in found) or "none"
+        raise CheckpointError(f"no checkpoint {folder.name} in {root} (complete ones: {have})")
+    return folder
+
+
+def check_files(folder: Path, expected_expert_files: int = 0) -> None:
+    """Every weight file present and a readable torch archive (zip); raises CheckpointError."""
+    model_file = folder / MODEL_FILE
+    if not model_file.is_file():
+        raise CheckpointError(f"checkpoint {folder} is incomplete: {MODEL_FILE} is missing")
+    experts = sorted(folder.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))
+    if len(experts) < expected_expert_files:
+        raise CheckpointError(f"checkpoint {folder} is incomplete: {len(experts)} of {expected_expert_files} "
+                              "expert weight files (layer_*_expert_*_mp_rank_00_model_states.pt)")
+    for path in [model_file, *experts]:
+        try:
+            ok = zipfile.is_zipfile(path) and zipfile.ZipFile(path).testzip() is None
+        except (OSError, zipfile.BadZipFile):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"checkpoint file {path} is corrupt (not a readable torch archive)")
+
+
+def expected_expert_files(cfg) -> int:
+    """Expert files DeepSpeed writes: one per MoE MLP layer and global expert."""
+    from modsquad_ds.model.vit import block_kinds
+
+    layers = sum(mlp for _, mlp in block_kinds(cfg.model.depth, cfg.moe))
+    return layers * cfg.moe.mlp.num_experts
+
+
+def step_of(folder: Path) -> int:
+    return int(folder.name.split("_")[-1])
+
+
+def load_weights(engine, folder: Path) -> None:
+    """Module-only load of ``folder`` into ``engine`` (a collective); CheckpointError on failure."""
+    try:
+        path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_only=True,
+                                         load_optimizer_states=False, load_lr_scheduler_states=False)
+    except Exception as err:  # noqa: BLE001 - DeepSpeed raises many kinds; the user needs one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"cannot load checkpoint {folder}: {type(err).__name__}: {first}") from None
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {folder}")

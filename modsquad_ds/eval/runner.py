@@ -1,0 +1,77 @@
+"""Run an evaluation pass: batches -> model -> metric sums and usage sums -> one all-reduce.
+
+Works on whatever module holds the weights: a DeepSpeed engine's model (expert-parallel layers
+included: every rank runs the same number of batches) or a plain ``ModSquadViT``. Batches are moved
+to the model's device and dtype; metrics are summed in float64 on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from modsquad_ds.distributed.collectives import is_distributed
+from modsquad_ds.eval.data import eval_loader
+from modsquad_ds.eval.metrics import MetricSums
+from modsquad_ds.eval.similarity import summarize
+from modsquad_ds.eval.usage import RouteRecorder
+
+
+@dataclass
+class EvalResult:
+    split: str
+    metrics: dict
+    """task -> metric -> value."""
+    usage: dict
+    """similarity.summarize of the routing (empty for dense models)."""
+    samples: int
+    corrupt: int
+    recorder: RouteRecorder
+
+
+def _all_reduce_sum(vec: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if not is_distributed():
+        return vec
+    # NCCL reduces device tensors only; gloo takes CPU ones. float64 keeps the sums exact enough.
+    on = vec.to(device)
+    dist.all_reduce(on)
+    return on.cpu()
+
+
+@torch.no_grad()
+def evaluate_model(model, cfg, split: str, rank: int = 0, world_size: int = 1,
+                   max_samples: Optional[int] = None, progress: bool = False) -> EvalResult:
+    """Evaluate ``model`` (a ModSquadViT, possibly with expert-parallel layers) on ``split``.
+
+    A collective when distributed: every rank must call it with the same arguments.
+    """
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    was_training = model.training
+    model.eval()
+    names = list(cfg.tasks.names)
+    sums = MetricSums(names)
+    loader = eval_loader(cfg, split, rank, world_size, max_samples)
+    corrupt = 0
+    try:
+        with RouteRecorder(model, names) as recorder:
+            for batch in tqdm(loader, total=loader.n_batches, desc=f"eval {split}", unit="batch",
+                              disable=not progress, dynamic_ncols=True):
+                weight = batch.pop("weight")
+                corrupt += int(batch.pop("corrupt"))
+                recorder.sample_weight = weight
+                out = model(batch["image"].to(device=device, dtype=dtype))
+                preds = {k: v.float() for k, v in out.preds.items()}
+                sums.update(preds, batch, weight)
+    finally:
+        model.train(was_training)
+    reduce_device = device if device.type == "cuda" else torch.device("cpu")
+    sums.load_vector(_all_reduce_sum(sums.vector(), reduce_device))
+    recorder.load_vector(_all_reduce_sum(recorder.vector(), reduce_device))
+    corrupt = int(_all_reduce_sum(torch.tensor([float(corrupt)], dtype=torch.float64), reduce_device)[0])
+    return EvalResult(split, sums.compute(), summarize(recorder.layers) if recorder.layers else {},
+                      int(round(sums.samples)), corrupt, recorder)

@@ -1,0 +1,98 @@
+"""``python -m modsquad_ds.evaluate`` on a real trained checkpoint: 2 ranks with expert parallelism 2
+give the numbers of 1 process (metrics and usage sums, every sample once, padding excluded); a
+missing or corrupt checkpoint gives one clear line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from _launch import BIN, python, run, run_ok
+from data_tools import make_shards
+from data_tools.mini_taskonomy import generate
+
+pytestmark = pytest.mark.dist
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A 2-step Mod-Squad run on 4 buildings x 3 points x 3 views at 32 px (test split: 9 views)."""
+    root = tmp_path_factory.mktemp("eval_mini")
+    generate(root, buildings=4, points=3, views=3, resolution=32, seed=2, workers=2, progress=False)
+    shards = root / "shards"
+    for split in ("train", "test"):
+        assert make_shards.main(["--root", str(root), "--out", str(shards), "--split", split, "--split-csv",
+                                 str(root / "splits" / "train_val_test_mini.csv"), "--samples-per-shard", "5",
+                                 "--no-progress", "--workers", "1"]) == 0
+    run_dir = root / "run"
+    run_ok([python(), "-m", "modsquad_ds.train", "--config", "configs/demo.yaml", "--set", f"data.shards_dir={shards}",
+            "--set", "data.batch_size=4", "--set", "data.workers=0", "--set", "train.steps=2",
+            "--set", "train.warmup_steps=0", "--set", f"train.out_dir={run_dir}"], timeout_s=240)
+    return run_dir
+
+
+def _eval(cmd_prefix, run_dir: Path, *extra: str) -> dict:
+    # the folder positionally: torchrun would take --run for its own --run-path
+    out = run_ok([*cmd_prefix, "-m", "modsquad_ds.evaluate", str(run_dir), "--split", "test",
+                  "--set", "data.batch_size=4", "--set", "data.workers=0", *extra], timeout_s=240)
+    path = run_dir / "eval" / "test_step_00000002.json"
+    assert "results:" in out.output, out.output[-2000:]
+    return json.loads(path.read_text())
+
+
+def _close(a, b, path=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _close(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9), path
+    else:
+        assert a == b, path
+
+
+def test_two_ranks_expert_parallel_equal_one_process(trained):
+    one = _eval([python()], trained)
+    assert one["samples"] == 9  # every test view once: 9 = 5 + 4 on two ranks, padded to 2 batches of 4 each
+    two = _eval([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"], trained, "--set", "train.ep_size=2")
+    assert two["samples"] == 9
+    _close(one["tasks"], two["tasks"])
+    _close(one["usage"], two["usage"])
+    assert (trained / "eval" / "test_step_00000002.md").is_file()
+    assert (trained / "eval" / "test_step_00000002_similarity.png").stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = {}
+    for events in (trained / "tensorboard").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events)).Reload()
+        tags.update({k: acc.Tags()[k] for k in ("scalars", "images")} if not tags else
+                    {k: tags[k] + acc.Tags()[k] for k in ("scalars", "images")})
+    assert "eval_test/depth_zbuffer/rmse" in tags["scalars"]
+    assert {"eval_test/usage", "eval_test/similarity"} <= set(tags["images"])
+
+
+def _error_line(run_dir: Path) -> str:
+    res = run([python(), "-m", "modsquad_ds.evaluate", "--run", str(run_dir), "--split", "test"], timeout_s=120)
+    assert res.returncode == 2, res.output[-2000:]
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in res.output, res.output[-2000:]
+    return errors[0]
+
+
+def test_missing_and_corrupt_checkpoint_one_line(trained, tmp_path):
+    broken = tmp_path / "run"
+    shutil.copytree(trained, broken)
+    ckpt = broken / "checkpoints" / "step_00000002"
+    model_file = ckpt / "mp_rank_00_model_states.pt"
+    data = model_file.read_bytes()
+    model_file.write_bytes(data[: len(data) // 2])
+    assert "is corrupt" in _error_line(broken)
+    shutil.rmtree(broken / "checkpoints")
+    assert "no complete checkpoint" in _error_line(broken)

@@ -15,6 +15,7 @@ from modsquad_ds.export.report import markdown_table, plot_kept, task_costs
 from modsquad_ds.export.task_model import TaskViT
 from modsquad_ds.export.usage import calibration_usage, training_usage
 from modsquad_ds.model.factory import build_dense_peer
+from modsquad_ds.model.flops import count_params
 from modsquad_ds.model.vit import ModSquadViT
 
 
@@ -30,8 +31,10 @@ def export_run(run: Path, step: Optional[int] = None, tasks: Optional[Sequence[s
                threshold: Optional[float] = None, keep_top: Optional[float] = None, whole: bool = False,
                usage: str = "training", shards: Optional[Path] = None, split: str = "val",
                calibration_batches: Optional[int] = None, batch_size: Optional[int] = None,
-               require_master: bool = False, out: Optional[Path] = None, progress: bool = False) -> dict:
-    """Export ``run``; ``threshold`` / ``keep_top`` in percent. Returns a summary (also in report.json)."""
+               require_master: bool = False, out: Optional[Path] = None, progress: bool = False,
+               costs: bool = True) -> dict:
+    """Export ``run``; ``threshold`` / ``keep_top`` in percent. Returns a summary (also in report.json).
+    ``costs=False`` skips the FLOP counts of the report (parameters only)."""
     weights = load_checkpoint_weights(run, step, require_master=require_master)
     cfg = weights.config
     out = Path(out) if out else Path(run) / "export" / weights.folder.name
@@ -69,7 +72,8 @@ def export_run(run: Path, step: Optional[int] = None, tasks: Optional[Sequence[s
                              "layers": {name: {"kept": p["kept"], "top_k": p["top_k"], "usage": p["usage"]}
                                         for name, p in plan.items()}}
         path = write_task_model(out, config, state)
-        row = task_costs(task_model, model, dense, task, probe)
+        row = (task_costs(task_model, model, dense, task, probe) if costs
+               else {"task": task, "params": count_params(task_model)})
         row.update(file=str(path), kept=sum(len(p["kept"]) for p in plan.values()),
                    experts=sum(p["num_experts"] for p in plan.values()))
         rows.append(row)
@@ -78,6 +82,7 @@ def export_run(run: Path, step: Optional[int] = None, tasks: Optional[Sequence[s
         plot_kept(out / "kept_experts.png", plans)
     summary.update(usage=usage_source, threshold_pct=threshold, keep_top_pct=keep_top, tasks=rows)
     _atomic_json(out / "report.json", summary)
-    (out / "report.md").write_text(markdown_table(rows))
+    if costs:
+        (out / "report.md").write_text(markdown_table(rows))
     return summary
 

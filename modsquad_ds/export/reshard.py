@@ -124,12 +124,10 @@ def _zero0_moments(folder: Path, cfg) -> tuple[dict, int]:
     return moments, step
 
 
-def _batch_for(cfg, old_world: int, new_world: int, batch_override: bool) -> int:
-    global_batch = cfg.data.batch_size * old_world
-    if batch_override:
-        return cfg.data.batch_size
+def _batch_for(old_batch: int, old_world: int, new_world: int) -> int:
+    global_batch = old_batch * old_world
     if global_batch % new_world:
-        raise CheckpointError(f"the global batch {global_batch} ({cfg.data.batch_size} x {old_world} ranks) does not "
+        raise CheckpointError(f"the global batch {global_batch} ({old_batch} x {old_world} ranks) does not "
                               f"split over {new_world} ranks: pass --set data.batch_size=N")
     return global_batch // new_world
 
@@ -155,15 +153,18 @@ def reshard(run: Path, out: Path, world_size: int, ep_size: Optional[int] = None
     else:
         moments, adam_step = _zero0_moments(weights.folder, cfg)
 
-    batch_override = any(o.split("=", 1)[0].strip() == "data.batch_size" for o in overrides)
-    new_batch = _batch_for(cfg, old_world, world_size, batch_override)
-    extra = [f"train.ep_size={ep_size or cfg.train.ep_size}", f"train.out_dir={out}", f"data.batch_size={new_batch}",
-             *overrides]
+    saved_layout = json.loads((weights.folder / "layout.json").read_text()) \
+        if (weights.folder / "layout.json").is_file() else {}
+    old_batch = int(saved_layout.get("data.batch_size", cfg.data.batch_size))  # config.yaml may be a later launch's
+    extra = [f"train.ep_size={ep_size or cfg.train.ep_size}", f"train.out_dir={out}"]
+    if not any(o.split("=", 1)[0].strip() == "data.batch_size" for o in overrides):
+        extra.append(f"data.batch_size={_batch_for(old_batch, old_world, world_size)}")
+    extra += list(overrides)
     new_cfg = load_config([run / "config.yaml"], extra)
     ParallelDims.from_config(new_cfg, world_size, ds_config_for_run(new_cfg))  # ConfigError on a bad layout
 
     old_pos = TrainPosition(**states.get("position", {}))
-    consumed = old_pos.batch_in_epoch * cfg.data.batch_size * old_world
+    consumed = old_pos.batch_in_epoch * old_batch * old_world
     position = TrainPosition(step=old_pos.step, epoch=old_pos.epoch,
                              batch_in_epoch=consumed // (new_cfg.data.batch_size * world_size))
 

@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 import torch
 
 from modsquad_ds.config.loader import to_dict
+from modsquad_ds.data.classes import default_keep
+from modsquad_ds.data.tasks import get_task
 from modsquad_ds.export.files import _atomic_json, write_task_model, write_whole_model
 from modsquad_ds.export.prune import prune_plan, pruned_task_model
 from modsquad_ds.export.reader import CheckpointError, load_checkpoint_weights
@@ -67,6 +69,8 @@ def export_run(run: Path, step: Optional[int] = None, tasks: Optional[Sequence[s
         config, state = pruned_task_model(weights, task, plan)
         task_model = TaskViT(config)
         task_model.load_state_dict(state, strict=True)
+        if get_task(task).kind == "class":  # the release's class indices of the head's outputs
+            config["classes"] = list(getattr(cfg.data, f"{task}_keep", None) or default_keep(task))
         config["pruning"] = {"threshold_pct": threshold, "keep_top_pct": keep_top, "usage": usage_source,
                              "source_run": str(run), "step": weights.step, "weights": weights.source,
                              "layers": {name: {"kept": p["kept"], "top_k": p["top_k"], "usage": p["usage"]}

@@ -7,6 +7,7 @@ dumped the fp32 weights its engine really held, which the reader must reproduce 
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -187,3 +188,23 @@ def test_theta_zero_export_equals_the_full_model_on_calibration_data(runs, tmp_p
         with torch.no_grad():
             pred = task_model(images)
         torch.testing.assert_close(pred, out.preds[task], rtol=1e-6, atol=1e-6)
+
+
+def test_export_command_writes_models_report_and_picture(runs, tmp_path, capsys):
+    from modsquad_ds.export.__main__ import main
+
+    run = runs / "zero1_bf16" / "ep2"
+    assert main(["--run", str(run), "--threshold", "1.0", "--out", str(tmp_path / "tasks"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "tasks" / "report.json").read_text())
+    assert report["weights"] == SOURCE_MASTER and report["usage"].startswith("training statistics, all ranks")
+    for row in report["tasks"]:
+        assert 0 < row["params"] < row["full_params"] and row["macs"] <= row["full_macs"]
+        model = TaskViT.from_file(row["file"])
+        assert model.task == row["task"]
+    assert (tmp_path / "tasks" / "kept_experts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| depth_zbuffer |" in (tmp_path / "tasks" / "report.md").read_text()
+    assert main(["--run", str(run), "--whole", "--out", str(tmp_path / "whole")]) == 0
+    assert (tmp_path / "whole" / "whole.safetensors").is_file()
+    assert main(["--run", str(tmp_path), "--threshold", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.yaml" in err[0]

@@ -227,6 +227,9 @@ def load_into_engine(engine, folder: Path, rank: int) -> tuple[TrainPosition, di
     state = load_file(str(Path(folder) / STATE_FILE))
     global_ids = {path: layer.global_expert_ids() for path, layer in expert_parallel_layers(engine.module)}
     optimizer = engine.optimizer
+    # ZeRO 1/2 optimizer's flat fp32 partitions; DeepSpeed's BF16_Optimizer (bf16 at ZeRO 0) names them otherwise
+    flat_groups = getattr(optimizer, "single_partition_of_fp32_groups", None) or \
+        getattr(optimizer, "fp32_groups_flat_partition", None)
     zero_state = {}
     for name, p in engine.module.named_parameters():
         key = name
@@ -246,7 +249,7 @@ def load_into_engine(engine, folder: Path, rank: int) -> tuple[TrainPosition, di
             flat = value.reshape(-1)
             lp = mapping.lp_fragment_address
             mapping.hp_fragment.data.copy_(flat.narrow(0, lp.start, lp.numel))
-            group = optimizer.single_partition_of_fp32_groups[mapping.param_group_index]
+            group = flat_groups[mapping.param_group_index]
             slot = zero_state.setdefault(mapping.param_group_index, {k: torch.zeros_like(group) for k in MOMENTS})
             for kind in MOMENTS:
                 if f"{kind}/{key}" in state:
@@ -258,7 +261,7 @@ def load_into_engine(engine, folder: Path, rank: int) -> tuple[TrainPosition, di
                                   **{k: state[f"{k}/{key}"].view_as(p).clone().to(p.device) for k in MOMENTS}}
     if zero_state:
         for index, moments in zero_state.items():
-            flat = optimizer.single_partition_of_fp32_groups[index]
+            flat = flat_groups[index]
             optimizer.optimizer.state[flat] = {"step": torch.tensor(float(meta["adam_step"])), **moments}
     if engine.lr_scheduler is not None and meta.get("lr_scheduler"):
         engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])

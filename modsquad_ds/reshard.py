@@ -14,6 +14,7 @@ follows the new layout. Needs fp32 master weights (a bf16 run saved at ZeRO 1/2,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +34,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.world_size < 1:
         p.error("--world-size must be >= 1")
+    # the reader imports DeepSpeed's MoE module (checkpoint key names); everything here runs on the CPU
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from modsquad_ds.export.reshard import reshard
 
     try:

@@ -21,6 +21,7 @@ against the full model and the dense ViT); kept_experts.png. --whole writes whol
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from pathlib import Path
@@ -65,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # the reader imports DeepSpeed's MoE module (checkpoint key names); everything here runs on the CPU
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from modsquad_ds.export.pipeline import export_run
 
     try:

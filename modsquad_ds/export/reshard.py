@@ -55,6 +55,9 @@ def _zero_moments(folder: Path, world: int, ep_size: int, local_experts: int) ->
     frags: dict[str, dict[str, list]] = {k: defaultdict(list) for k in MOMENTS}
     step = 0
     for rank in range(world):
+        if rank not in files:
+            raise CheckpointError(f"{folder}: missing the optimizer partition of rank {rank} "
+                                  f"(zero_pp_rank_{rank}_..._optim_states.pt; the run had {world} ranks)")
         sd = _load(files[rank])["optimizer_state_dict"]
         state = sd["base_optimizer_state"]["state"]
         for i, (mapping, group) in enumerate(zip(sd["param_slice_mappings"], sd["base_optimizer_state"]["param_groups"])):

@@ -86,8 +86,8 @@ class CheckpointWeights:
     folder: Path = Path()
     usage: dict = field(default_factory=dict)
     """Expert-usage tables saved with the checkpoint (``UsageAccumulator.state_dict()``: per layer
-    ``kind``, ``top_k``, ``counts`` [T, E] and ``tokens`` [T]); {} if absent. Rank 0's share only:
-    the model-states file is written by rank 0; the sums over all ranks are ``run_dir/usage.json``."""
+    ``kind``, ``top_k``, ``counts`` [T, E] and ``tokens`` [T]); {} if absent. The sums over all ranks
+    (the trainer reduces them before saving; checkpoints written before that fix held rank 0's share)."""
     world_size: int = 1
     zero_stage: int = 0
     precision: str = "fp32"

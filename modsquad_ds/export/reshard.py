@@ -33,6 +33,7 @@ from modsquad_ds.config.loader import load_config, save_config
 from modsquad_ds.export.reader import (CheckpointError, MODEL_STATES, _load, _zero_files, _LOCAL_EXPERT,
                                        load_checkpoint_weights)
 from modsquad_ds.moe.ds_adapter import expert_parallel_layers, reference_key
+from modsquad_ds.train import manifest
 from modsquad_ds.train.checkpoint import TrainPosition, tag_for
 
 MARKER = "resharded.json"
@@ -204,6 +205,7 @@ def reshard(run: Path, out: Path, world_size: int, ep_size: Optional[int] = None
               "data.workers": new_cfg.data.workers, "tasks.names": list(new_cfg.tasks.names),
               "model.embed_dim": new_cfg.model.embed_dim, "model.depth": new_cfg.model.depth}
     (partial / "layout.json").write_text(json.dumps({**layout, **dataclasses.asdict(position)}, indent=1))
+    manifest.write(partial, manifest.build(partial))  # last, as the trainer's saves: resume verifies it
     final = root / tag_for(position.step)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)

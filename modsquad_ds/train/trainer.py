@@ -122,10 +122,12 @@ class Trainer:
                 "model.depth": cfg.model.depth}
 
     def _save(self, engine) -> Path:
-        path = checkpoint.save(engine, self.ckpt_dir, self.position, {"usage": self.usage.state_dict()},
+        # The client state lands in rank 0's model-states file only, so it carries the usage summed
+        # over all ranks; on resume rank 0 takes those sums back and the other ranks start from zero.
+        tables = self.usage.global_tables()
+        path = checkpoint.save(engine, self.ckpt_dir, self.position, {"usage": tables},
                                self.cfg.train.keep_checkpoints, self.layout())
         self.saved_step = self.position.step
-        tables = self.usage.global_tables()
         if self.rank == 0:
             write_usage(self.out_dir / "usage.json", self.cfg.tasks.names, tables)
             plot_usage(self.out_dir / "usage.png", self.cfg.tasks.names, tables)
@@ -149,7 +151,6 @@ class Trainer:
     def run(self) -> RunResult:
         cfg, t = self.cfg, self.cfg.train
         started = time.perf_counter()
-        self._write_run_files()
         engine = build_engine(cfg, self.ds_config)
         notes: list[str] = []  # checkpoints skipped as damaged, logged once the logger exists
         if t.resume:
@@ -157,7 +158,9 @@ class Trainer:
             if restored is not None:
                 self.position, extra = restored
                 self.saved_step = self.position.step
-                self.usage.load_state_dict(extra.get("usage", {}))
+                self.usage.load_state_dict(extra.get("usage", {}), zeroed=self.rank != 0)
+        # after the resume check: a refused resume must not overwrite the saved run's config
+        self._write_run_files()
         logger = RunLogger(self.out_dir, t.steps, self.position.step, self.rank == 0)
         for note in notes:
             logger.message(note)

@@ -48,8 +48,12 @@ class UsageAccumulator:
         return {name: {k: (v.cpu().clone() if torch.is_tensor(v) else v) for k, v in e.items()}
                 for name, e in self.layers.items()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.layers = {name: dict(e) for name, e in state.items()}
+    def load_state_dict(self, state: dict, zeroed: bool = False) -> None:
+        """Restore saved tables. A checkpoint holds the sums over all ranks: one rank takes them back
+        and the others pass ``zeroed=True`` (same layers, zero counts), so the next global sum is right
+        and every rank reduces the same tables in the same order."""
+        self.layers = {name: {k: (torch.zeros_like(v) if zeroed and torch.is_tensor(v) else v)
+                              for k, v in e.items()} for name, e in state.items()}
 
 
 def write_usage(path: Path, task_names: Sequence[str], tables: dict[str, dict]) -> None:

@@ -70,9 +70,11 @@ def test_resume_equals_uninterrupted(shards, tmp_path, nproc, extra):
     for step in range(4, 8):  # fp32 on CPU: bit-identical, not merely close
         assert resumed[step] == expected[step], f"step {step} differs after resume"
     # with data.batch_size 4 x ranks x grad_accum, 7 steps cross epoch boundaries of 18 samples
-    usage = json.loads((parts / "usage.json").read_text())
-    assert usage["tasks"] == json.loads((whole / "usage.json").read_text())["tasks"]
+    # expert usage is summed over every rank and every step, across the resume too
+    usage, usage_whole = (json.loads((out / "usage.json").read_text()) for out in (parts, whole))
+    assert usage["tasks"] == usage_whole["tasks"]
     assert len(usage["layers"]) == 4
+    assert [layer["counts"] for layer in usage["layers"]] == [layer["counts"] for layer in usage_whole["layers"]]
 
 
 def test_saved_run_folder_has_config_checkpoint_and_logs(shards, tmp_path):
@@ -211,6 +213,7 @@ def test_resume_under_a_different_layout_is_refused_with_the_setting_named(shard
     assert len(errors) == 1 and "data.batch_size=4" in errors[0] and "--no-resume" in errors[0]
     layout = json.loads((out / "checkpoints" / "step_00000002" / "layout.json").read_text())
     assert layout["step"] == 2 and layout["world_size"] == 1
+    assert "batch_size: 4" in (out / "config.yaml").read_text()  # the refused launch did not overwrite it
 
 
 def test_signals_save_on_demand_and_stop_cleanly(shards, tmp_path):

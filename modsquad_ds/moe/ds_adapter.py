@@ -322,16 +322,20 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, eps: float = 1e-6) -> to
     ``gradient_clipping: 0`` in the DeepSpeed config, after ``engine.backward`` (grads are reduced
     there) and before ``engine.step``. A collective: every rank must call it.
     """
-    dense_sq = torch.zeros((), dtype=torch.float64)
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    # Squared norms summed on the gradients' device: one host sync for the whole model (the
+    # ``float(total)`` below), not one ``.cpu()`` per parameter.
+    device = grads[0].device
+    dense_sq = torch.zeros((), dtype=torch.float64, device=device)
     expert_sq: dict[str, torch.Tensor] = {}
-    grads = []
     for p in module.parameters():
         if p.grad is None:
             continue
-        grads.append(p.grad)
-        sq = p.grad.detach().double().pow(2).sum().cpu()
+        sq = p.grad.detach().double().pow(2).sum().to(device)
         if is_moe_param(p):
-            expert_sq[p.group_name] = expert_sq.get(p.group_name, torch.zeros((), dtype=torch.float64)) + sq
+            expert_sq[p.group_name] = expert_sq.get(p.group_name, torch.zeros_like(dense_sq)) + sq
         else:
             dense_sq += sq
     total_sq = dense_sq
@@ -340,9 +344,8 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, eps: float = 1e-6) -> to
         # replicas; the ranks of one expert-parallel group hold different experts: sum over those.
         part = expert_sq[group_name]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            part = part.to(grads[0].device)  # NCCL reduces CUDA tensors only
             dist.all_reduce(part, group=groups._get_expert_parallel_group(group_name))
-        total_sq = total_sq + part.cpu()
+        total_sq = total_sq + part
     total = total_sq.sqrt().float()
     if max_norm > 0:
         coef = min(1.0, float(max_norm) / (float(total) + eps))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from modsquad_ds.moe import MoEAttention, MoEMlp
+from modsquad_ds.moe.kernels import has_grouped_mm, set_kernel
 from modsquad_ds.moe.reference import reference_moe_attention, reference_moe_mlp, reference_route
 
 SETTINGS = list(itertools.product(
@@ -16,21 +17,29 @@ SETTINGS = list(itertools.product(
 ))
 
 
-def _layer(kind, num_experts, top_k, noisy):
+# every expert kernel (moe/kernels.py) against the same reference; grouped_mm runs on CPU from torch 2.14
+KERNELS = ["loop", pytest.param("grouped", marks=pytest.mark.skipif(not has_grouped_mm(), reason="no grouped_mm"))]
+
+
+def _layer(kind, num_experts, top_k, noisy, kernel="auto"):
     torch.manual_seed(0)
     if kind == "mlp":
-        return MoEMlp(12, 20, num_experts, top_k, num_tasks=3, noisy=noisy), reference_moe_mlp
-    return MoEAttention(12, 6, num_experts, top_k, num_tasks=3, noisy=noisy), reference_moe_attention
+        layer, reference = MoEMlp(12, 20, num_experts, top_k, num_tasks=3, noisy=noisy), reference_moe_mlp
+    else:
+        layer, reference = MoEAttention(12, 8, num_experts, top_k, num_tasks=3, noisy=noisy), reference_moe_attention
+    assert set_kernel(layer, kernel) == 1
+    return layer, reference
 
 
 def _grads(output, inputs, params, weight):
     return torch.autograd.grad((output * weight).sum(), [inputs, *params])
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("kind", ["mlp", "attn"])
 @pytest.mark.parametrize("experts_k, task_ids, noisy", SETTINGS)
-def test_fast_layer_matches_reference(kind, experts_k, task_ids, noisy):
-    layer, reference = _layer(kind, *experts_k, noisy)
+def test_fast_layer_matches_reference(kind, experts_k, task_ids, noisy, kernel):
+    layer, reference = _layer(kind, *experts_k, noisy, kernel)
     layer.train()
     x = torch.randn(len(task_ids), 2, 7, 12, requires_grad=True)
     torch.manual_seed(1)

@@ -48,6 +48,11 @@ class ModelConfig:
     pretrained: Optional[str] = None
     """Local path of a dense timm ViT checkpoint (.pth/.pt/.bin/.safetensors) that initialises the
     dense parts: patch embedding, position embedding, norms, dense attention and dense MLPs."""
+    grad_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them (timm's
+    ``set_grad_checkpointing``). Every block holds all task slots, so activations grow with the
+    number of tasks; this trades about one extra forward for most of that memory
+    (docs/benchmarks.md). Losses and gradients are unchanged."""
 
     def __post_init__(self):
         for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):

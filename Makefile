@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The unit tests also run under Python 3.12 (CI), in a venv of their own with the same constraints.
-PYTHON312 ?= $(shell command -v python3.12 || ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
+# (the first that runs: a pyenv shim for an inactive version is on PATH but fails)
+PYTHON312 ?= $(shell for p in $$HOME/.pyenv/versions/3.12*/bin/python3.12 $$(command -v python3.12); do \
+	"$$p" -V >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 VENV312 := .venv312
 STAMP312 := $(VENV312)/.installed
 

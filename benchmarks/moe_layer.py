@@ -28,7 +28,15 @@ import torch.nn as nn
 from timm.layers import Attention, Mlp
 
 from modsquad_ds.moe import MoEAttention, MoEMlp
-from modsquad_ds.moe.kernels import has_grouped_mm, set_kernel
+
+try:
+    from modsquad_ds.moe.kernels import has_grouped_mm, set_kernel
+    KERNELS = ["loop"] + (["grouped"] if has_grouped_mm() else [])
+except ImportError:  # a tree from before the kernel seam (PYTHONPATH=<old checkout>): its one path
+    KERNELS = ["old"]
+
+    def set_kernel(layer, kernel):
+        return 0
 
 # name: (D, mlp experts, mlp top-k, expert hidden, attn experts, attn top-k, head dim, tasks, images, tokens)
 SHAPES = {
@@ -67,8 +75,7 @@ def _fb_stock(layer, x):
 def _mlp_variants(d, e, k, h, x, task_ids, with_deepspeed: bool):
     torch.manual_seed(0)
     out = {"dense Mlp": _fb_dense(Mlp(d, k * h, act_layer=nn.GELU), x)}
-    kernels = ["loop"] + (["grouped"] if has_grouped_mm() else [])
-    for kernel in kernels:
+    for kernel in KERNELS:
         layer = MoEMlp(d, h, e, k, num_tasks=x.shape[0])
         set_kernel(layer, kernel)
         out[f"MoEMlp {kernel}"] = _fb_moe(layer, x, task_ids)
@@ -87,7 +94,7 @@ def _mlp_variants(d, e, k, h, x, task_ids, with_deepspeed: bool):
 def _attn_variants(d, e, k, hd, x, task_ids):
     torch.manual_seed(0)
     out = {"dense Attention": _fb_dense(Attention(d, num_heads=k, attn_head_dim=hd, qkv_bias=True), x)}
-    for kernel in ["loop"] + (["grouped"] if has_grouped_mm() else []):
+    for kernel in KERNELS:
         layer = MoEAttention(d, hd, e, k, num_tasks=x.shape[0])
         set_kernel(layer, kernel)
         out[f"MoEAttention {kernel}"] = _fb_moe(layer, x, task_ids)
@@ -116,12 +123,14 @@ def _modules_of(fn):
     return [c.cell_contents for c in (fn.__closure__ or ()) if isinstance(c.cell_contents, nn.Module)]
 
 
-def run(shape: str, device, dtype, reps: int, with_deepspeed: bool) -> dict:
+def run(shape: str, device, dtype, reps: int, with_deepspeed: bool, mlp_only: bool = False) -> dict:
     d, e, k, h, ea, ka, hd, t, b, n = SHAPES[shape]
     task_ids = torch.arange(t, device=device)
     results = {}
     for part, build, dense in (("mlp", lambda x: _mlp_variants(d, e, k, h, x, task_ids, with_deepspeed), "dense Mlp"),
                                ("attn", lambda x: _attn_variants(d, ea, ka, hd, x, task_ids), "dense Attention")):
+        if mlp_only and part == "attn":
+            continue
         x = torch.randn(t, b, n, d, device=device, dtype=dtype, requires_grad=True)
         fns = build(x)
         for fn in fns.values():
@@ -139,6 +148,7 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 10 CPU, 30 CUDA)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--no-deepspeed", action="store_true", help="leave out the DeepSpeed layers")
+    parser.add_argument("--mlp-only", action="store_true", help="leave out the attention layers")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -152,7 +162,7 @@ def main(argv=None) -> None:
     everything = {}
     for shape in shapes:
         d, e, k, h, ea, ka, hd, t, b, n = SHAPES[shape]
-        res = run(shape, device, dtype, reps, not args.no_deepspeed)
+        res = run(shape, device, dtype, reps, not args.no_deepspeed, args.mlp_only)
         everything[shape] = res
         print(f"\n== {shape}: D {d}, {t * b * n:,} tokens; MLP {e} experts top-{k} of hidden {h} vs dense hidden "
               f"{k * h}; MoA {ea} experts top-{ka} of width {hd} vs {ka} dense heads ==")

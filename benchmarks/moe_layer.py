@@ -101,7 +101,7 @@ def _attn_variants(d, e, k, hd, x, task_ids):
     return out
 
 
-def measure(fns: dict, device, reps: int, warmup: int = 2) -> dict[str, float]:
+def measure(fns: dict, device, reps: int, warmup: int = 2, clock=time.perf_counter) -> dict[str, float]:
     modules = [m for fn in fns.values() for m in _modules_of(fn)]
     for fn in fns.values():
         for _ in range(warmup):
@@ -110,10 +110,10 @@ def measure(fns: dict, device, reps: int, warmup: int = 2) -> dict[str, float]:
     for _ in range(reps):
         for name, fn in fns.items():  # round robin
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             _sync(device)
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append(clock() - t0)
         for m in modules:
             m.zero_grad(set_to_none=True)
     return {name: statistics.median(ts) * 1e3 for name, ts in samples.items()}
@@ -123,7 +123,8 @@ def _modules_of(fn):
     return [c.cell_contents for c in (fn.__closure__ or ()) if isinstance(c.cell_contents, nn.Module)]
 
 
-def run(shape: str, device, dtype, reps: int, with_deepspeed: bool, mlp_only: bool = False) -> dict:
+def run(shape: str, device, dtype, reps: int, with_deepspeed: bool, mlp_only: bool = False,
+        clock=time.perf_counter) -> dict:
     d, e, k, h, ea, ka, hd, t, b, n = SHAPES[shape]
     task_ids = torch.arange(t, device=device)
     results = {}
@@ -136,7 +137,7 @@ def run(shape: str, device, dtype, reps: int, with_deepspeed: bool, mlp_only: bo
         for fn in fns.values():
             for m in _modules_of(fn):
                 m.to(device=device, dtype=dtype)
-        ms = measure(fns, device, reps)
+        ms = measure(fns, device, reps, clock=clock)
         results[part] = {name: {"ms": v, "vs_dense": ms[dense] / v} for name, v in ms.items()}
     return results
 
@@ -148,6 +149,9 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 10 CPU, 30 CUDA)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--no-deepspeed", action="store_true", help="leave out the DeepSpeed layers")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="CPU: time the process's CPU seconds, not wall time (a machine shared with other "
+                             "jobs deschedules threads; CPU time counts only the work done)")
     parser.add_argument("--mlp-only", action="store_true", help="leave out the attention layers")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
@@ -158,11 +162,13 @@ def main(argv=None) -> None:
     shapes = args.shapes or (["small", "base"] if cuda else ["cpu"])
     reps = args.reps or (30 if cuda else 10)
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, {dtype}, forward + backward, median of {reps}")
+    clock_name = "process CPU time" if args.cpu_time and not cuda else "wall time"
+    print(f"torch {torch.__version__}, {where}, {dtype}, forward + backward, median {clock_name} of {reps}")
     everything = {}
     for shape in shapes:
         d, e, k, h, ea, ka, hd, t, b, n = SHAPES[shape]
-        res = run(shape, device, dtype, reps, not args.no_deepspeed, args.mlp_only)
+        clock = time.process_time if args.cpu_time and not cuda else time.perf_counter
+        res = run(shape, device, dtype, reps, not args.no_deepspeed, args.mlp_only, clock)
         everything[shape] = res
         print(f"\n== {shape}: D {d}, {t * b * n:,} tokens; MLP {e} experts top-{k} of hidden {h} vs dense hidden "
               f"{k * h}; MoA {ea} experts top-{ka} of width {hd} vs {ka} dense heads ==")

@@ -80,6 +80,16 @@ class _LoopLinear(torch.autograd.Function):
 def expert_linear(x_SI: torch.Tensor, p: DispatchPlan, weights_IO: Sequence[torch.Tensor],
                   biases_O: Sequence[torch.Tensor] | None, kernel: str = "auto") -> torch.Tensor:
     """Row s of ``x_SI`` times ``weights_IO[expert of s]`` (+ its bias), rows sorted by expert."""
+    device_type = x_SI.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Autocast does not reach inside a custom autograd Function, nor grouped_mm: cast here as it
+        # would cast a matmul (inputs and weights to the autocast dtype; the casts are differentiable).
+        dtype = torch.get_autocast_dtype(device_type)
+        x_SI = x_SI.to(dtype)
+        weights_IO = [w.to(dtype) for w in weights_IO]
+        biases_O = None if biases_O is None else [b.to(dtype) for b in biases_O]
+        with torch.autocast(device_type, enabled=False):
+            return expert_linear(x_SI, p, weights_IO, biases_O, kernel)
     if kernels.resolve(kernel, x_SI) == "grouped":
         y = F.grouped_mm(x_SI, torch.stack(list(weights_IO)), offs=p.offsets_E)
         if biases_O is not None:

@@ -51,6 +51,11 @@ class ModelConfig:
     class_head: Literal["cls_token", "mean_patch"] = "cls_token"
     """Fidelity switch. cls_token: a linear layer on the class token (paper, Fig. 2); mean_patch: the
     authors' code, the mean of the patch tokens, a LayerNorm, then the linear layer."""
+    grad_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them (timm's
+    ``set_grad_checkpointing``). Every block holds all task slots, so activations grow with the
+    number of tasks; this trades about one extra forward for most of that memory
+    (docs/benchmarks.md). Losses and gradients are unchanged."""
 
     def __post_init__(self):
         _require(self.class_head in ("cls_token", "mean_patch"), "class_head",

@@ -43,7 +43,9 @@ class MultiTaskObjective(nn.Module):
     def aux_loss(self, out: ModelOutput, reduce_table: TableReducer = _identity
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg, stats = self.loss_cfg, {}
-        total = torch.zeros(())
+        # on the predictions' device: a CPU zero would put "loss/aux" on the CPU while every other
+        # logged statistic is on the GPU, and the trainer stacks them into one tensor
+        total = torch.zeros((), device=next((p.device for p in out.preds.values()), None))
         if cfg.aux == "none" or not out.routing:
             return total, stats
         for r in out.routing:

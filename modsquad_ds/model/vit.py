@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from timm.layers import PatchEmbed, trunc_normal_
 
 from modsquad_ds.config.schema import ModelConfig, MoEConfig
@@ -47,6 +48,7 @@ class ModSquadViT(nn.Module):
         super().__init__()
         self.task_names = list(task_names)
         self.first_block = moe.first_block
+        self.grad_checkpointing = model.grad_checkpointing
         d, num_tasks = model.embed_dim, len(self.task_names)
         self.patch_embed = PatchEmbed(model.img_size, model.patch_size, model.in_chans, d)
         grid = model.img_size // model.patch_size
@@ -91,6 +93,17 @@ class ModSquadViT(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: recompute every block in backward (``model.grad_checkpointing``)."""
+        self.grad_checkpointing = enable
+
+    def _run_block(self, block: Block, x_TBND: torch.Tensor, task_ids_T: Optional[torch.Tensor]):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # Non-reentrant checkpoint: restores the RNG state (router noise, drop path) for the
+            # recomputation, and returns the block's RoutingStats with their autograd history.
+            return checkpoint(block, x_TBND, task_ids_T, use_reentrant=False)
+        return block(x_TBND, task_ids_T)
+
     def task_ids(self, tasks: TaskSelector = None) -> torch.Tensor:
         device = self.task_embed.device
         if tasks is None:
@@ -106,7 +119,7 @@ class ModSquadViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         x_1BND = x.unsqueeze(0)
         for block in self.blocks[: self.first_block]:
-            x_1BND, _ = block(x_1BND, None)
+            x_1BND, _ = self._run_block(block, x_1BND, None)
         return x_1BND
 
     def forward_features(self, images_BCHW: torch.Tensor, task_ids_T: torch.Tensor):
@@ -116,7 +129,7 @@ class ModSquadViT(nn.Module):
         routing = []
         for block in self.blocks[self.first_block:]:
             # The reference code adds the task embedding to the tokens before every block (eq. 4).
-            x_TBND, stats = block(x_TBND + task_vec_T11D, task_ids_T)
+            x_TBND, stats = self._run_block(block, x_TBND + task_vec_T11D, task_ids_T)
             routing.extend(stats)
         return self.norm(x_TBND), routing
 

@@ -43,12 +43,12 @@ class MoEAttention(nn.Module):
         r = self.router(x_TSD, task_ids_T)
         p = dsp.plan(r.topk_ids_TSK.reshape(t * b * n, k), r.gates_TSK.reshape(t * b * n, k), self.num_experts)
 
-        q_sorted = self.heads.query(dsp.dispatch(x_TSD.reshape(-1, d), p), p.counts)
+        q_sorted = self.heads.query(dsp.dispatch(x_TSD.reshape(-1, d), p), p)
         q = dsp.unpermute(q_sorted, p).view(t * b, 1, n * k, self.head_dim)
         key, value = self.kv(x_TBND).view(t * b, 1, n, 2 * self.head_dim).chunk(2, dim=-1)
         o = F.scaled_dot_product_attention(q, key, value)  # (TB, 1, N*K, h): all heads share K, V
 
-        o_sorted = o.reshape(t * b * n * k, self.head_dim).index_select(0, p.slot_order)
-        y = dsp.combine(self.heads.output(o_sorted, p.counts), p).view(t, b, n, d)
+        o_sorted = dsp.permute(o.reshape(t * b * n * k, self.head_dim), p)
+        y = dsp.combine(self.heads.output(o_sorted, p), p).view(t, b, n, d)
         stats = routing_stats(self.name, self.kind, r.probs_TSE, r.topk_ids_TSK, task_ids_T, self.router.num_tasks)
         return y, stats

@@ -1,9 +1,15 @@
 """Dropless token dispatch: permute token copies so each expert's tokens are contiguous.
 
 Not a module: ``plan`` sorts the ``N*K`` (token, choice) slots by expert once per layer, then
-``dispatch`` gathers inputs in that order and ``combine`` scatters the gate-weighted outputs back.
+``dispatch`` gathers inputs in that order and ``combine`` brings the gate-weighted outputs back.
 Nothing is dropped and nothing is padded, so the result equals the dense sum of paper eq. 1.
 Expert-parallel communication (DeepSpeed's all-to-all) lives in ``ds_adapter``, not here.
+
+Everything stays on the device: the per-expert counts and offsets are tensors (no host sync per
+layer; only the loop kernel asks for them on the host, ``DispatchPlan.counts``). Neither direction
+uses ``index_add``: every token owns exactly K slots, so ``combine`` unpermutes to ``(N, K, D)`` and
+sums over K, and the backward of ``dispatch`` does the same to the incoming gradient. Both are
+gathers (no atomics on GPUs, no serial scatter on CPUs).
 """
 
 from __future__ import annotations
@@ -16,38 +22,87 @@ import torch
 @dataclass
 class DispatchPlan:
     slot_order: torch.Tensor
-    """(N*K,) slot ids (token * K + choice) sorted by expert id (stable)."""
+    """(S,) slot ids (token * K + choice) sorted by expert id (stable); S = N*K."""
+    inverse: torch.Tensor
+    """(S,) position of each slot (token * K + choice) in the sorted order."""
     token_idx: torch.Tensor
-    """(N*K,) source token of each sorted slot."""
+    """(S,) source token of each sorted slot."""
     gates: torch.Tensor
-    """(N*K,) gate of each sorted slot."""
-    counts: list[int]
-    """Slots per expert, in expert order; sums to N*K."""
+    """(S,) gate of each sorted slot."""
+    expert_S: torch.Tensor
+    """(S,) expert id of each sorted slot (non-decreasing)."""
+    counts_E: torch.Tensor
+    """(E,) slots per expert (int64, on the device); sums to S."""
+    offsets_E: torch.Tensor
+    """(E,) end of each expert's rows in the sorted order (int32 cumulative counts, as grouped_mm takes)."""
     num_tokens: int
+    top_k: int
+
+    @property
+    def counts(self) -> list[int]:
+        """Slots per expert on the host. A device-to-host sync: only the per-expert loop needs it."""
+        return self.counts_E.tolist()
 
 
 def plan(topk_ids_NK: torch.Tensor, gates_NK: torch.Tensor, num_experts: int) -> DispatchPlan:
     num_tokens, k = topk_ids_NK.shape
     flat_ids = topk_ids_NK.reshape(-1)
     slot_order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
-    return DispatchPlan(slot_order, slot_order // k, gates_NK.reshape(-1)[slot_order], counts, num_tokens)
+    inverse = torch.empty_like(slot_order)
+    inverse[slot_order] = torch.arange(slot_order.numel(), device=slot_order.device)
+    # scatter_add, not bincount: bincount on CUDA reads the maximum back to size its output
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_ids.device)
+    counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+    return DispatchPlan(slot_order, inverse, slot_order // k, gates_NK.reshape(-1)[slot_order],
+                        flat_ids[slot_order], counts, torch.cumsum(counts, 0).to(torch.int32), num_tokens, k)
+
+
+class _Dispatch(torch.autograd.Function):
+    """x (N, D) -> its K copies in expert order; backward: unpermute the gradient and sum over K."""
+
+    @staticmethod
+    def forward(ctx, x_ND: torch.Tensor, token_idx: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x_ND.index_select(0, token_idx)
+
+    @staticmethod
+    def backward(ctx, grad_SD: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        grad_NKD = grad_SD.index_select(0, inverse).view(-1, ctx.k, grad_SD.shape[-1])
+        return grad_NKD.sum(1), None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """Rows ``y[order]``; backward gathers with the inverse permutation (the default, index_add, scatters)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return y.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 def dispatch(x_ND: torch.Tensor, p: DispatchPlan) -> torch.Tensor:
-    """(N, D) tokens -> (N*K, D) copies sorted by expert."""
-    return x_ND.index_select(0, p.token_idx)
+    """(N, D) tokens -> (S, D) copies sorted by expert."""
+    return _Dispatch.apply(x_ND, p.token_idx, p.inverse, p.top_k)
+
+
+def permute(y_SD: torch.Tensor, p: DispatchPlan) -> torch.Tensor:
+    """(S, D) rows in slot order (token * K + choice) -> sorted by expert."""
+    return _Permute.apply(y_SD, p.slot_order, p.inverse)
 
 
 def unpermute(y_SD: torch.Tensor, p: DispatchPlan) -> torch.Tensor:
-    """(N*K, D) expert-sorted rows -> (N, K, D) in slot order, without weighting."""
-    inverse = torch.empty_like(p.slot_order)
-    inverse[p.slot_order] = torch.arange(p.slot_order.numel(), device=p.slot_order.device)
-    return y_SD.index_select(0, inverse).view(p.num_tokens, -1, y_SD.shape[-1])
+    """(S, D) expert-sorted rows -> (N, K, D) in slot order, without weighting."""
+    return _Permute.apply(y_SD, p.inverse, p.slot_order).view(p.num_tokens, p.top_k, y_SD.shape[-1])
 
 
 def combine(y_SD: torch.Tensor, p: DispatchPlan) -> torch.Tensor:
-    """(N*K, D) expert outputs -> (N, D) gate-weighted sums per token."""
-    weighted = y_SD * p.gates.to(y_SD.dtype).unsqueeze(-1)
-    out = torch.zeros(p.num_tokens, y_SD.shape[-1], dtype=y_SD.dtype, device=y_SD.device)
-    return out.index_add(0, p.token_idx, weighted)
+    """(S, D) expert outputs -> (N, D) gate-weighted sums per token: unpermute, then reduce over K."""
+    gates_NK1 = p.gates[p.inverse].to(y_SD.dtype).view(p.num_tokens, p.top_k, 1)
+    return (unpermute(y_SD, p) * gates_NK1).sum(1)

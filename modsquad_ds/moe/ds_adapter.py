@@ -45,6 +45,7 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
@@ -54,7 +55,7 @@ from modsquad_ds.moe.layer import MoEMlp
 from modsquad_ds.moe.router import RoutingResult, TaskRouter
 from modsquad_ds.moe.stats import RoutingStats, routing_stats
 
-__all__ = ["TaskGate", "ExpertParallelMoEMlp", "convert_to_expert_parallel", "convert_to_single_process",
+__all__ = ["TaskGate", "BatchedExperts", "ExpertParallelMoEMlp", "convert_to_expert_parallel", "convert_to_single_process",
            "expert_parallel_layers", "moe_param_groups", "reference_key", "expert_parallel_key",
            "expert_checkpoint_name", "clip_grad_norm_", "is_expert_param"]
 
@@ -125,6 +126,40 @@ def _locations(ids_SK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
     return locations.view_as(ids_SK), counts
 
 
+class BatchedExperts(Experts):
+    """DeepSpeed's ``Experts`` (same ``deepspeed_experts.{i}`` modules, names and group attributes),
+    run as two batched matmuls over the local experts instead of a Python loop.
+
+    ``MOELayer`` hands the experts an equal-capacity ``(ep_size, E_local, C, D)`` buffer, so every
+    local expert sees the same number of rows: ``baddbmm`` over ``E_local`` does them all at once.
+    Padded rows are zeros whose outputs are never read, so they add nothing to any gradient, exactly
+    as in the loop. The loop (DeepSpeed's ``forward``) remains for experts that are not a plain
+    two-layer timm ``Mlp`` (``batched = False`` forces it).
+    """
+
+    def __init__(self, expert: nn.Module, num_local_experts: int = 1, expert_group_name: Optional[str] = None):
+        super().__init__(expert, num_local_experts, expert_group_name)
+        self.batched = isinstance(expert, Mlp) and isinstance(expert.norm, nn.Identity)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if not self.batched:
+            return super().forward(inputs)
+        ep, e, c, d = inputs.shape
+        x_EMD = inputs.transpose(0, 1).reshape(e, ep * c, d)
+        first = self.deepspeed_experts[0]
+        h = _batched_linear(x_EMD, [m.fc1 for m in self.deepspeed_experts])
+        h = first.norm(first.drop1(first.act(h)))
+        y = first.drop2(_batched_linear(h, [m.fc2 for m in self.deepspeed_experts]))
+        return y.view(e, ep, c, -1).transpose(0, 1)
+
+
+def _batched_linear(x_EMI: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
+    w_EIO = torch.stack([m.weight for m in linears]).transpose(1, 2)
+    if linears[0].bias is None:
+        return torch.bmm(x_EMI, w_EIO)
+    return torch.baddbmm(torch.stack([m.bias for m in linears]).unsqueeze(1), x_EMI, w_EIO)
+
+
 class ExpertParallelMoEMlp(MoE):
     """``MoEMlp`` on DeepSpeed's ``MoE``: same forward, experts sharded over ``ep_size`` ranks."""
 
@@ -140,6 +175,9 @@ class ExpertParallelMoEMlp(MoE):
         super().__init__(hidden_size=dim, expert=Mlp(dim, hidden, act_layer=nn.GELU), num_experts=num_experts,
                          ep_size=ep_size, k=1, drop_tokens=False, use_rts=False)
         self.top_k = top_k
+        # the same modules and names as DeepSpeed's Experts, run batched (BatchedExperts)
+        self.deepspeed_moe.experts = BatchedExperts(self.local_experts[0], self.num_local_experts,
+                                                    self.expert_group_name)
         self.deepspeed_moe.gate = TaskGate(router or TaskRouter(dim, num_experts, top_k, num_tasks, noisy,
                                                                  noise_epsilon))
         self.name = "mlp"  # set by convert_to_expert_parallel to the module path
@@ -322,16 +360,20 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, eps: float = 1e-6) -> to
     ``gradient_clipping: 0`` in the DeepSpeed config, after ``engine.backward`` (grads are reduced
     there) and before ``engine.step``. A collective: every rank must call it.
     """
-    dense_sq = torch.zeros((), dtype=torch.float64)
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    # Squared norms summed on the gradients' device: one host sync for the whole model (the
+    # ``float(total)`` below), not one ``.cpu()`` per parameter.
+    device = grads[0].device
+    dense_sq = torch.zeros((), dtype=torch.float64, device=device)
     expert_sq: dict[str, torch.Tensor] = {}
-    grads = []
     for p in module.parameters():
         if p.grad is None:
             continue
-        grads.append(p.grad)
-        sq = p.grad.detach().double().pow(2).sum().cpu()
+        sq = p.grad.detach().double().pow(2).sum().to(device)
         if is_moe_param(p):
-            expert_sq[p.group_name] = expert_sq.get(p.group_name, torch.zeros((), dtype=torch.float64)) + sq
+            expert_sq[p.group_name] = expert_sq.get(p.group_name, torch.zeros_like(dense_sq)) + sq
         else:
             dense_sq += sq
     total_sq = dense_sq
@@ -340,9 +382,8 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, eps: float = 1e-6) -> to
         # replicas; the ranks of one expert-parallel group hold different experts: sum over those.
         part = expert_sq[group_name]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            part = part.to(grads[0].device)  # NCCL reduces CUDA tensors only
             dist.all_reduce(part, group=groups._get_expert_parallel_group(group_name))
-        total_sq = total_sq + part.cpu()
+        total_sq = total_sq + part
     total = total_sq.sqrt().float()
     if max_norm > 0:
         coef = min(1.0, float(max_norm) / (float(total) + eps))

@@ -32,7 +32,7 @@ class MoEMlp(nn.Module):
         x_TSD = x_TBND.reshape(t, b * n, d)
         r = self.router(x_TSD, task_ids_T)
         p = dsp.plan(r.topk_ids_TSK.reshape(t * b * n, -1), r.gates_TSK.reshape(t * b * n, -1), self.num_experts)
-        y_SD = self.experts(dsp.dispatch(x_TSD.reshape(-1, d), p), p.counts)
+        y_SD = self.experts(dsp.dispatch(x_TSD.reshape(-1, d), p), p)
         y = dsp.combine(y_SD, p).view(t, b, n, d)
         stats = routing_stats(self.name, self.kind, r.probs_TSE, r.topk_ids_TSK, task_ids_T, self.router.num_tasks)
         return y, stats

@@ -57,6 +57,11 @@ class TaskRouter(nn.Module):
         return self.task_wg.shape[0]
 
     def forward(self, x_TSD: torch.Tensor, task_ids_T: torch.Tensor) -> RoutingResult:
+        # fp32 under autocast too: autocast would run these bmm in bf16
+        with torch.autocast(x_TSD.device.type, enabled=False):
+            return self._route(x_TSD, task_ids_T)
+
+    def _route(self, x_TSD: torch.Tensor, task_ids_T: torch.Tensor) -> RoutingResult:
         x = x_TSD.float()
         logits = torch.bmm(x, self.task_wg[task_ids_T].float())
         if self.task_wnoise is not None and (self.training or self.noise_at_eval):

@@ -71,7 +71,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
+    # The CUDA generator draws the router noise and drop-path masks of a model on the GPU: without
+    # it a resumed CUDA run would not equal the uninterrupted one (tests/gpu/test_trainer_cuda.py).
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() and torch.cuda.is_initialized() else {}
     return {
+        **cuda,
         "torch": torch.get_rng_state(),
         "python": list(random.getstate()[1]),
         "python_version": random.getstate()[0],
@@ -85,6 +89,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
                          state["numpy_has_gauss"], state["numpy_gauss"]))

@@ -27,14 +27,15 @@ def _grads(y, x, params, w):
     return torch.autograd.grad((y * w).sum(), [x, *params])
 
 
+@pytest.mark.parametrize("experts_class", [Experts, ep.BatchedExperts])  # DeepSpeed's loop, our bmm
 @pytest.mark.parametrize("num_experts, top_k", [(6, 2), (4, 1), (5, 5)])
 @pytest.mark.parametrize("noisy", [False, True])
-def test_stock_moelayer_with_task_gate_equals_moemlp(num_experts, top_k, noisy):
+def test_stock_moelayer_with_task_gate_equals_moemlp(num_experts, top_k, noisy, experts_class):
     """DeepSpeed's MOELayer (sparse encode, experts, sparse decode) driven by TaskGate == MoEMlp."""
     src = _layer(num_experts, top_k, noisy)
     src.train()
     gate = ep.TaskGate(src.router)
-    experts = Experts(Mlp(12, 20, act_layer=nn.GELU), num_experts, "ep_size_1")
+    experts = experts_class(Mlp(12, 20, act_layer=nn.GELU), num_experts, "ep_size_1")
     for mine, theirs in zip(experts.deepspeed_experts, src.experts.experts):
         mine.load_state_dict(theirs.state_dict())
     moe = MOELayer(gate, experts, "ep_size_1", 1, num_experts)
@@ -100,6 +101,7 @@ def test_converted_layer_is_a_deepspeed_moe_with_safe_names():
     assert all(ep.is_expert_param(p) and p.group_name == "ep_size_1" for p in expert_params)
     assert not ep.is_expert_param(layer.router.task_wg)
     assert layer.global_expert_ids() == list(range(6))
+    assert isinstance(layer.deepspeed_moe.experts, ep.BatchedExperts) and layer.deepspeed_moe.experts.batched
 
 
 def test_model_conversion_round_trip_is_exact():

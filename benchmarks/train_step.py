@@ -1,0 +1,143 @@
+"""A whole training step (forward, losses, backward, AdamW) of Mod-Squad against the dense MTL ViT of
+the same width and depth (the paper's MTL baseline), side by side in one run.
+
+Variants: ``dense`` (build_dense_peer), ``modsquad`` (task-batched: all tasks in one pass),
+``modsquad+ckpt`` (model.grad_checkpointing), and ``loop`` (one forward per task, the reference
+code's way; benchmarks/task_batched.py has its details). Plain PyTorch, no engine: the model's cost
+alone. On CUDA: bf16 autocast and fused AdamW, peak memory from the allocator. On CPU: fp32 and,
+as the memory figure, the bytes autograd keeps for backward (saved tensors), measured on one step.
+
+    python benchmarks/train_step.py --presets tiny small --batch 2 --repeats 3     # CPU
+    python benchmarks/train_step.py --presets small base --batch 16                # CUDA
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from task_batched import step_loop  # noqa: E402  (one forward per task; reused, not duplicated)
+
+from modsquad_ds.config import load_config  # noqa: E402
+from modsquad_ds.data.synthetic import synthetic_batch  # noqa: E402
+from modsquad_ds.model import build_dense_peer, build_model  # noqa: E402
+from modsquad_ds.model.objective import MultiTaskObjective  # noqa: E402
+from modsquad_ds.train.module import to_device  # noqa: E402
+
+
+def _step_batched(model, objective, batch):
+    loss, _ = objective(model(batch["image"]), batch)
+    loss.backward()
+
+
+class Variant:
+    def __init__(self, name, model, objective, step, device):
+        self.name, self.model, self.objective, self.step = name, model.to(device), objective.to(device), step
+        params = list(self.model.parameters()) + list(self.objective.parameters())
+        self.opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+        self.device = device
+
+    def __call__(self, batch):
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                    else contextlib.nullcontext())
+        with autocast:
+            self.step(self.model, self.objective, batch)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _saved_bytes(variant, batch) -> int:
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        variant(batch)
+    return total[0]
+
+
+def _peak_bytes(variant, batch) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    variant(batch)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def run_preset(preset, batch_size, repeats, device, with_loop=True):
+    cfg = load_config(preset=preset)
+    batch = to_device(synthetic_batch(cfg.tasks.names, batch_size, cfg.model.img_size,
+                                      torch.Generator().manual_seed(0)), device)
+    torch.manual_seed(0)
+    variants = [Variant("dense", build_dense_peer(cfg), MultiTaskObjective(cfg), _step_batched, device),
+                Variant("modsquad", build_model(cfg), MultiTaskObjective(cfg), _step_batched, device)]
+    ckpt_model = build_model(cfg)
+    ckpt_model.set_grad_checkpointing(True)
+    variants.append(Variant("modsquad+ckpt", ckpt_model, MultiTaskObjective(cfg), _step_batched, device))
+    if with_loop:
+        variants.append(Variant("loop", build_model(cfg), MultiTaskObjective(cfg), step_loop, device))
+    memory = {}
+    for v in variants:  # warm-up, and the memory figure
+        v(batch)
+        memory[v.name] = _peak_bytes(v, batch) if device.type == "cuda" else _saved_bytes(v, batch)
+    times = {v.name: [] for v in variants}
+    for _ in range(repeats):  # round robin
+        for v in variants:
+            _sync(device)
+            t0 = time.perf_counter()
+            v(batch)
+            _sync(device)
+            times[v.name].append(time.perf_counter() - t0)
+    ms = {k: statistics.median(t) * 1e3 for k, t in times.items()}
+    return {k: {"ms": ms[k], "dense_ms/ms": ms["dense"] / ms[k], "memory_bytes": memory[k],
+                "memory_vs_dense": memory[k] / memory["dense"]} for k in ms}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=None, help="default: tiny small (CPU), small base (CUDA)")
+    parser.add_argument("--batch", type=int, default=None, help="images per step (default 2 CPU, 16 CUDA)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 3 CPU, 10 CUDA)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-loop", action="store_true", help="leave out the loop over tasks (slow)")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.set_num_threads(args.threads)
+    presets = args.presets or (["small", "base"] if cuda else ["tiny", "small"])
+    batch, repeats = args.batch or (16 if cuda else 2), args.repeats or (10 if cuda else 3)
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    mem = "peak allocated" if cuda else "saved for backward"
+    print(f"torch {torch.__version__}, {where}, {'bf16 autocast' if cuda else 'fp32'}, {batch} images x 13 tasks, "
+          f"median of {repeats}")
+    results = {}
+    for preset in presets:
+        res = run_preset(preset, batch, repeats, device, with_loop=not args.no_loop)
+        results[preset] = res
+        print(f"\n== {preset} ==\n{'variant':<15}{'ms':>10}{'vs dense':>10}{'MiB ' + mem:>28}{'vs dense':>10}")
+        for name, r in res.items():
+            print(f"{name:<15}{r['ms']:>10.1f}{r['dense_ms/ms']:>9.2f}x{r['memory_bytes'] / 2**20:>28.0f}"
+                  f"{r['memory_vs_dense']:>9.2f}x", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": where, "batch": batch, "presets": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

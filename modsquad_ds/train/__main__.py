@@ -58,7 +58,23 @@ def validate_before_launch(cfg):
                           "(write shards with python -m data_tools.make_shards)")
     if cfg.data.source == "raw" and not os.path.isdir(source):
         raise ConfigError("data.raw_root", f"folder not found: {source}")
-    return (ds_config, *plan_launch(cfg, ds_config))
+    if cfg.finetune.enabled:
+        from modsquad_ds.finetune import check_source, finetune_ds_config
+
+        check_source(cfg)
+        ds_config = finetune_ds_config(cfg, ds_config)
+    launch, dims = plan_launch(cfg, ds_config)
+    if cfg.data.source == "shards" and cfg.data.fraction < 1:
+        from modsquad_ds.data.shard_index import load_index
+        from modsquad_ds.data.subset import subset_size
+
+        total = load_index(index_path(source, cfg.data.train_split)).num_samples
+        kept, need = subset_size(total, cfg.data.fraction), launch.world_size * cfg.data.batch_size
+        if kept < need:
+            raise ConfigError("data.fraction", f"({cfg.data.fraction}) keeps {kept} of {total} samples, fewer "
+                              f"than one batch per rank (world size {launch.world_size} x data.batch_size "
+                              f"{cfg.data.batch_size} = {need})")
+    return ds_config, launch, dims
 
 
 def _cuda_available() -> bool:

@@ -8,6 +8,12 @@ The same command works as a plain single process and under every launcher:
     mpiexec -n 16 python -m modsquad_ds.train --config run.yaml
     srun python -m modsquad_ds.train --config run.yaml        (inside sbatch; see slurm/)
 
+Learn new tasks on a trained run by tuning only routers, task embedding and heads (docs/finetune.md):
+
+    python -m modsquad_ds.train --config runs/demo/config.yaml --set finetune.mode=routers \\
+        --set finetune.init_from=runs/demo --set tasks.names=[segment_semantic] \\
+        --set data.fraction=0.05 --set train.ep_size=1 --set train.out_dir=runs/demo_segment
+
 Settings come from the preset, then the YAML files in order, then --set overrides; the resolved
 config and DeepSpeed JSON are written into train.out_dir with the checkpoints, TensorBoard logs,
 metrics.jsonl and usage.json (expert usage per task and layer). A run folder holding a checkpoint is

@@ -10,9 +10,9 @@ The same command works as a plain single process and under every launcher:
 
 Learn new tasks on a trained run by tuning only routers, task embedding and heads (docs/finetune.md):
 
-    python -m modsquad_ds.train --config runs/demo/config.yaml --set finetune.mode=routers \\
-        --set finetune.init_from=runs/demo --set tasks.names=[segment_semantic] \\
-        --set data.fraction=0.05 --set train.ep_size=1 --set train.out_dir=runs/demo_segment
+    python -m modsquad_ds.train --config runs/source/config.yaml --set finetune.mode=routers \\
+        --set finetune.init_from=runs/source --set tasks.names=[class_object,class_scene] \\
+        --set data.fraction=0.1 --set train.out_dir=runs/new_tasks
 
 Settings come from the preset, then the YAML files in order, then --set overrides; the resolved
 config and DeepSpeed JSON are written into train.out_dir with the checkpoints, TensorBoard logs,

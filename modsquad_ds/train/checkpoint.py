@@ -90,6 +90,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
+RESHARDABLE = ("world_size", "train.ep_size", "data.batch_size")
+"""Layout settings modsquad_ds.reshard can change (modsquad_ds/export/reshard.py)."""
+
+
 class ResumeMismatch(ValueError):
     """The newest checkpoint was made under settings this run cannot continue from."""
 
@@ -107,8 +111,12 @@ def check_layout(folder: Path, layout: dict) -> None:
     saved = json.loads(path.read_text())
     for key, value in layout.items():
         if key in saved and saved[key] != value:
+            hint = "or use --no-resume / another train.out_dir"
+            if key in RESHARDABLE:  # the weights and optimizer state can move to another layout
+                hint = (f"to continue on another layout: python -m modsquad_ds.reshard --run {folder.parents[1]} "
+                        f"--world-size N --ep-size E --out NEW_RUN_DIR, then train with train.out_dir=NEW_RUN_DIR")
             raise ResumeMismatch(f"{folder} was saved with {key}={saved[key]!r}, this run has {value!r}: "
-                                 f"resuming needs the same {key} (or use --no-resume / another train.out_dir)")
+                                 f"resuming needs the same {key} ({hint})")
 
 
 def save(engine, root: Path, position: TrainPosition, extra: dict, keep: int, layout: dict) -> Path:
@@ -146,6 +154,10 @@ def load_latest(engine, root: Path, layout: dict) -> Optional[tuple[TrainPositio
     check_layout(found[-1], layout)
     tag = found[-1].name
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if (found[-1] / "resharded.json").is_file():  # written by python -m modsquad_ds.reshard
+        from modsquad_ds.export.reshard import load_into_engine
+
+        return load_into_engine(engine, found[-1], rank)
     path, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:

@@ -1,0 +1,57 @@
+"""Reshard then resume with the real commands: a run trained on 2 ranks at ep_size 2 (torchrun) continues
+as one process at ep_size 1 after ``python -m modsquad_ds.reshard``, from the step, schedule and
+weights where it stopped (the exactness of the transferred state is proven in test_export_checkpoints)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from _launch import BIN, python, run_ok
+from data_tools import make_shards
+from data_tools.mini_taskonomy import generate
+
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(400)]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("reshard_mini")
+    generate(root, buildings=4, points=2, views=3, resolution=32, seed=2, workers=2, progress=False)
+    out = root / "shards"
+    assert make_shards.main(["--root", str(root), "--out", str(out), "--split", "train",
+                             "--split-csv", str(root / "splits" / "train_val_test_mini.csv"),
+                             "--samples-per-shard", "4", "--no-progress"]) == 0
+    return out
+
+
+def _metrics(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_reshard_to_one_process_then_resume_continues_the_run(shards, tmp_path):
+    first, second = tmp_path / "two_ranks", tmp_path / "one_rank"
+    args = ["-m", "modsquad_ds.train", "--config", "configs/demo.yaml", "--set", f"data.shards_dir={shards}",
+            "--set", "data.batch_size=2", "--set", "data.workers=0", "--set", "train.steps=4",
+            "--set", "train.warmup_steps=0", "--set", "train.log_every=1", "--set", "moe.router_noise=false",
+            "--set", "train.ds_config=ds_configs/zero1_fp32.json"]
+    run_ok([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", *args, "--set", f"train.out_dir={first}",
+            "--set", "train.ep_size=2", "--set", "train.stop_after=2"], timeout_s=240)
+
+    resharded = run_ok([python(), "-m", "modsquad_ds.reshard", "--run", str(first), "--world-size", "1",
+                        "--ep-size", "1", "--out", str(second)], timeout_s=120)
+    assert "resharded checkpoint" in resharded.output
+    layout = json.loads((second / "checkpoints" / "step_00000002" / "layout.json").read_text())
+    assert layout["world_size"] == 1 and layout["train.ep_size"] == 1 and layout["data.batch_size"] == 4
+
+    result = run_ok([python(), "-m", "modsquad_ds.train", "--config", str(second / "config.yaml")], timeout_s=240)
+    assert "resumed from" in result.output and "step_00000002" in result.output
+    before, after = _metrics(first), _metrics(second)
+    assert sorted(before) == [1, 2] and sorted(after) == [3, 4]
+    # the cosine schedule continues where it was (lr of step 3 follows step 2's, 4 steps in all)
+    assert after[3]["lr"] < before[2]["lr"] and math.isclose(after[4]["lr"], 0.0, abs_tol=1e-3 * before[1]["lr"])
+    assert all(math.isfinite(v) for row in after.values() for k, v in row.items() if k.startswith("loss/"))
+    assert (second / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt").is_file()

@@ -39,6 +39,9 @@ class DataConfig:
     """Random horizontal flips in training (normals' x is negated with the image)."""
     max_corrupt: int = 100
     """Corrupt samples tolerated per rank and epoch (skipped and reported per shard); one more stops the run."""
+    fraction: float = 1.0
+    """Train on a fixed, seeded subset of this share of the training split (0 < f <= 1), the same
+    samples every epoch and on every rank (the paper learns new tasks from 0.5% to 5% of the data)."""
     samples_per_epoch: Optional[int] = None
     """Use at most this many samples per epoch (all ranks together); null: the whole split."""
     png_decoder: Literal["pil", "torchvision"] = "pil"
@@ -66,6 +69,8 @@ class DataConfig:
             raise ConfigError("png_decoder", f"must be 'pil' or 'torchvision', got {self.png_decoder!r}")
         if self.max_corrupt < 0:
             raise ConfigError("max_corrupt", f"must be >= 0, got {self.max_corrupt}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError("fraction", f"must be in (0, 1], got {self.fraction}")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
             raise ConfigError("samples_per_epoch", f"must be >= 1 or null, got {self.samples_per_epoch}")
         for key, task, n, channels in (("class_object_keep", "class_object", 1000, 100),

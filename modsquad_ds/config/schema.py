@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from modsquad_ds.config.data import DataConfig
+from modsquad_ds.config.finetune import FinetuneConfig
 from modsquad_ds.config.train import TrainConfig
 
 
@@ -194,6 +195,7 @@ class RunConfig:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self):
         _require(self.moe.first_block <= self.model.depth, "moe.first_block",
@@ -201,3 +203,6 @@ class RunConfig:
         for name in self.loss.task_weights:
             _require(name in self.tasks.names, f"loss.task_weights.{name}",
                      f"is not one of tasks.names ({', '.join(self.tasks.names)})")
+        for name in self.finetune.init_tasks:
+            _require(name in self.tasks.names, f"finetune.init_tasks.{name}",
+                     f"is not one of tasks.names ({', '.join(self.tasks.names)}), the tasks to learn")

@@ -24,6 +24,7 @@ from modsquad_ds.data.plan import batches_per_rank
 from modsquad_ds.data.raw_reader import RankBatchSampler, RawFolderDataset, collate_with_events, split_buildings
 from modsquad_ds.data.sample import SampleProcessor
 from modsquad_ds.data.shard_index import index_path, load_index
+from modsquad_ds.data.subset import subset_positions, subset_shards
 from modsquad_ds.data.wds_pipeline import ShardStream
 from modsquad_ds.data.worker_signals import stop_signals_blocked, worker_init
 
@@ -99,9 +100,10 @@ def build_shard_loader(cfg, split: str, rank: int, world_size: int, epoch: int, 
         raise ValueError(f"{index.path}: shards were downscaled to {index.resolution} px when written "
                          f"(make_shards --resize), but model.img_size is {cfg.model.img_size}: reshard "
                          f"with --resize {cfg.model.img_size} or without --resize")
-    shards = index.shards
-    n = batches_per_rank(min(index.num_samples, d.samples_per_epoch or index.num_samples), world_size,
-                         d.batch_size)
+    # data.fraction: training reads a fixed subset; evaluation always the whole split
+    shards = subset_shards(index.shards, d.fraction, _seed(cfg)) if train else index.shards
+    total = sum(s.samples for s in shards)
+    n = batches_per_rank(min(total, d.samples_per_epoch or total), world_size, d.batch_size)
     _check_start(start_batch, n)
     stream = ShardStream(shards, _processor(cfg, epoch, train), seed=_seed(cfg), epoch=epoch, rank=rank,
                          world_size=world_size, batch_size=d.batch_size, num_workers=d.workers,
@@ -120,9 +122,10 @@ def build_raw_loader(cfg, split: str, rank: int, world_size: int, epoch: int, st
                                    split_buildings(d.split_csv, split))
     else:
         dataset.processor = proc
+    subset = subset_positions(len(dataset), d.fraction, _seed(cfg)) if train and d.fraction < 1 else None
     sampler = RankBatchSampler(len(dataset), seed=_seed(cfg), epoch=epoch, rank=rank, world_size=world_size,
                                batch_size=d.batch_size, start_batch=start_batch, shuffle=train,
-                               cap=d.samples_per_epoch)
+                               cap=d.samples_per_epoch, subset=subset)
     _check_start(start_batch, sampler.n_batches)
     dl = _dataloader(dataset, cfg, batch_sampler=sampler, collate_fn=collate_with_events)
     return EpochLoader(dl, sampler.n_batches, start_batch, d.max_corrupt, rank)

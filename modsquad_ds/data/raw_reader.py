@@ -86,10 +86,12 @@ class RankBatchSampler(Sampler):
     """Batches of indices for one rank and epoch, from ``start_batch`` on."""
 
     def __init__(self, num_samples: int, *, seed: int, epoch: int, rank: int, world_size: int,
-                 batch_size: int, start_batch: int = 0, shuffle: bool = True, cap: int | None = None):
-        total = min(num_samples, cap) if cap else num_samples
+                 batch_size: int, start_batch: int = 0, shuffle: bool = True, cap: int | None = None,
+                 subset: list[int] | None = None):
+        """``subset``: the sample indices to use (data.fraction), else all ``num_samples``."""
+        order = list(subset) if subset is not None else list(range(num_samples))
+        total = min(len(order), cap) if cap else len(order)
         self.n_batches = batches_per_rank(total, world_size, batch_size)
-        order = list(range(num_samples))
         if shuffle:
             random.Random(f"raw:{seed}:{epoch}").shuffle(order)
         per_rank = self.n_batches * batch_size

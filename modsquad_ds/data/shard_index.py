@@ -31,6 +31,9 @@ class ShardInfo:
     sha256: str = ""
     path: str = ""
     """Absolute path, filled in when the index is loaded."""
+    first: int = 0
+    """Offset of this entry's first sample in the tar: a piece of a shard (data.fraction's subset)
+    has ``samples`` samples from there; a whole shard starts at 0."""
 
 
 @dataclass

@@ -26,7 +26,7 @@ from modsquad_ds.data.tar_reader import Corrupt, read_span
 
 def read_plan(plan: WorkerPlan, domains: set[str]) -> Iterator:
     for span in plan.spans:
-        yield from read_span(span.shard.path, span.shard.name, span.first, span.count, domains)
+        yield from read_span(span.shard.path, span.shard.name, span.shard.first + span.first, span.count, domains)
 
 
 def decode_stage(items, processor: SampleProcessor) -> Iterator:

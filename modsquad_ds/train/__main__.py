@@ -8,6 +8,12 @@ The same command works as a plain single process and under every launcher:
     mpiexec -n 16 python -m modsquad_ds.train --config run.yaml
     srun python -m modsquad_ds.train --config run.yaml        (inside sbatch; see slurm/)
 
+Learn new tasks on a trained run by tuning only routers, task embedding and heads (docs/finetune.md):
+
+    python -m modsquad_ds.train --config runs/source/config.yaml --set finetune.mode=routers \\
+        --set finetune.init_from=runs/source --set tasks.names=[class_object,class_scene] \\
+        --set data.fraction=0.1 --set train.out_dir=runs/new_tasks
+
 Settings come from the preset, then the YAML files in order, then --set overrides; the resolved
 config and DeepSpeed JSON are written into train.out_dir with the checkpoints, TensorBoard logs,
 metrics.jsonl and usage.json (expert usage per task and layer). A run folder holding a checkpoint is
@@ -53,6 +59,11 @@ def validate_before_launch(cfg):
     from modsquad_ds.train.preflight import check_run
 
     ds_config = ds_config_for_run(cfg)
+    if cfg.finetune.enabled:
+        from modsquad_ds.finetune import check_source, finetune_ds_config
+
+        check_source(cfg)
+        ds_config = finetune_ds_config(cfg, ds_config)
     launch, dims = plan_launch(cfg, ds_config)
     check_run(cfg, launch.world_size)
     return ds_config, launch, dims

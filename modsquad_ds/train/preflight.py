@@ -9,7 +9,8 @@ checks here, not in the trainer.
 What is checked (and what would otherwise fail late):
 - the shard index: present, valid JSON, our format, every listed shard file present;
 - the shards hold every domain the tasks need (the loader raises in the first epoch otherwise);
-- the split (or ``data.samples_per_epoch``) gives every rank at least one full batch;
+- the split (or ``data.samples_per_epoch``, or the ``data.fraction`` subset) gives every rank at least
+  one full batch;
 - the raw folder exists (``data.source: raw``);
 - ``train.out_dir`` can be created and written (the first save would fail otherwise).
 """
@@ -49,6 +50,14 @@ def check_shards(cfg, world_size: int) -> None:
         raise ConfigError("data.shards_dir", f"{path} lists shard {absent[0]}{more} but the file is "
                           "missing (restore it, or rewrite the index with python -m data_tools.make_shards "
                           "--index-only)")
+    if d.fraction < 1:  # training reads a fixed subset of the split (data.fraction)
+        from modsquad_ds.data.subset import subset_size
+
+        kept, need = subset_size(index.num_samples, d.fraction), world_size * d.batch_size
+        if kept < need:
+            raise ConfigError("data.fraction", f"({d.fraction}) keeps {kept} of {index.num_samples} samples, "
+                              f"fewer than one batch per rank (world size {world_size} x data.batch_size "
+                              f"{d.batch_size} = {need})")
     try:
         batches_per_rank(min(index.num_samples, d.samples_per_epoch or index.num_samples), world_size,
                          d.batch_size)

@@ -75,9 +75,16 @@ def build_engine(cfg: RunConfig, ds_config: dict):
     if manual_clip_norm(cfg, ds_config):
         ds_config = {**ds_config, "gradient_clipping": 0.0}
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg)
+    if cfg.finetune.enabled:  # new tasks on a trained run's weights (modsquad_ds/finetune)
+        from modsquad_ds.finetune import build_finetune_model, freeze
+
+        model = build_finetune_model(cfg)
+    else:
+        model = build_model(cfg)
     convert_to_expert_parallel(model, cfg.train.ep_size)
     module = TrainModule(model, MultiTaskObjective(cfg), all_reduce_sum_autograd)
+    if cfg.finetune.enabled:
+        module.freeze_report = freeze(module, cfg.finetune.mode)  # before the optimizer sees the params
     optimizer = torch.optim.AdamW(moe_param_groups(module, cfg.train.weight_decay, NO_DECAY), lr=cfg.train.lr)
     t = cfg.train
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.steps, t.warmup_steps, t.lr, t.min_lr))
@@ -119,7 +126,8 @@ class Trainer:
         return {"world_size": self.world_size, "train.ep_size": cfg.train.ep_size,
                 "data.batch_size": cfg.data.batch_size, "data.workers": cfg.data.workers,
                 "tasks.names": list(cfg.tasks.names), "model.embed_dim": cfg.model.embed_dim,
-                "model.depth": cfg.model.depth}
+                "model.depth": cfg.model.depth, "data.fraction": cfg.data.fraction,
+                "finetune.mode": cfg.finetune.mode}
 
     def _save(self, engine) -> Path:
         # The client state lands in rank 0's model-states file only, so it carries the usage summed
@@ -166,6 +174,13 @@ class Trainer:
             logger.message(note)
         if self.position.step:
             logger.message(f"resumed from {self.ckpt_dir / checkpoint.tag_for(self.position.step)}")
+        if cfg.finetune.enabled:
+            from modsquad_ds.finetune import zero_note
+
+            logger.message(f"finetune.mode {cfg.finetune.mode} from {cfg.finetune.init_from}: "
+                           f"{engine.module.freeze_report.describe()}")
+            if zero_note(cfg):
+                logger.message(zero_note(cfg))
         result = RunResult(self.out_dir, self.position)
         requests = StopRequests().install()
         try:

@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         path = write_results(run_dir, result, step_of(folder), str(folder), cfg.tasks.names)
         print(table1({run_dir.name: result.metrics}, cfg.tasks.names))
         extra = f", {result.corrupt} corrupt skipped" if result.corrupt else ""
-        print(f"{args.split}: {result.samples} images{extra}\nresults: {path}\n"
+        print(f"{args.split}: {result.samples} images on {ctx.world_size} rank(s){extra}\nresults: {path}\n"
               f"table: {path.with_suffix('.md')}", flush=True)
     shutdown(ctx)
     return 0

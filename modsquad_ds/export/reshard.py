@@ -205,7 +205,7 @@ def reshard(run: Path, out: Path, world_size: int, ep_size: Optional[int] = None
               "data.workers": new_cfg.data.workers, "tasks.names": list(new_cfg.tasks.names),
               "model.embed_dim": new_cfg.model.embed_dim, "model.depth": new_cfg.model.depth}
     (partial / "layout.json").write_text(json.dumps({**layout, **dataclasses.asdict(position)}, indent=1))
-    manifest.write(partial, manifest.build(partial))  # last, as the trainer's saves: resume verifies it
+    manifest.write(partial, manifest.build(partial, collective=False))  # last: resume verifies it
     final = root / tag_for(position.step)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)

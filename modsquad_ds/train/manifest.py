@@ -53,12 +53,14 @@ def _gather(mine: dict) -> dict:
     return out
 
 
-def build(folder: Path) -> dict:
-    """All ranks (a collective), once every rank's files are in ``folder``: the manifest dict."""
-    rank, world = _rank_world()
+def build(folder: Path, collective: bool = True) -> dict:
+    """The manifest dict of ``folder``. ``collective``: all ranks call it once every rank's files are
+    in the folder, and each hashes its share; else this process hashes every file (offline tools)."""
+    rank, world = _rank_world() if collective else (0, 1)
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != NAME)
     mine = {name: file_digest(folder / name) for name in names[rank::world]}
-    return {"format": FORMAT, "version": 1, "files": dict(sorted(_gather(mine).items()))}
+    files = _gather(mine) if collective else mine
+    return {"format": FORMAT, "version": 1, "files": dict(sorted(files.items()))}
 
 
 def write(folder: Path, manifest: dict) -> None:

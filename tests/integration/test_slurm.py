@@ -4,10 +4,8 @@ slurm/local_cluster.sh): sbatch + srun, and a time-limit signal that checkpoints
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,29 +16,16 @@ from data_tools.mini_taskonomy import generate
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 REPO = Path(__file__).resolve().parents[2]
-CLUSTER = REPO / "slurm" / "local_cluster.sh"
-
-
-@pytest.fixture(scope="module")
-def slurm_env(tmp_path_factory):
-    subprocess.run(["bash", str(CLUSTER), "install"], check=True, timeout=300)
-    state = tmp_path_factory.mktemp("slurm")
-    subprocess.run(["bash", str(CLUSTER), "start", str(state)], check=True, timeout=60)
-    env = dict(os.environ, SLURM_CONF=str(state / "slurm.conf"), MODSQUAD_PYTHON=sys.executable,
-               PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    yield env
-    subprocess.run(["scancel", "--user", "root"], env=env, timeout=30)
-    subprocess.run(["bash", str(CLUSTER), "stop", str(state)], check=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("slurm_mini")
     generate(root, buildings=4, points=3, views=3, resolution=32, seed=2, workers=2, progress=False)
-    assert make_shards.main(["--root", str(root), "--out", str(root / "shards"), "--split", "train",
-                             "--split-csv", str(root / "splits" / "train_val_test_mini.csv"), "--no-progress"]) == 0
+    for split in ("train", "test"):
+        assert make_shards.main(["--root", str(root), "--out", str(root / "shards"), "--split", split,
+                                 "--split-csv", str(root / "splits" / "train_val_test_mini.csv"),
+                                 "--no-progress"]) == 0
     return root / "shards"
 
 
@@ -72,6 +57,25 @@ def test_sbatch_srun_trains_with_expert_parallelism(slurm_env, shards, tmp_path)
     assert _job(slurm_env, job_id)["JobState"] == "COMPLETED", output[-3000:]
     assert "world=2 dp=2 ep=2" in output and "launcher=slurm" in output
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+
+    # the jobs around training, on the run just trained: evaluation on 2 ranks, export on one task
+    eval_out, export_out = tmp_path / "eval.out", tmp_path / "export.out"
+    jobs = [_sbatch(slurm_env, ["-n", "2", f"--output={eval_out}"], "evaluate.sbatch",
+                    [str(run_dir), "--split", "test", "--set", f"data.shards_dir={shards}"]),
+            _sbatch(slurm_env, [f"--output={export_out}"], "export.sbatch",
+                    ["--run", str(run_dir), "--threshold", "1.0"])]
+    for job, out in zip(jobs, (eval_out, export_out)):
+        _wait(lambda: _job(slurm_env, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the job")
+        assert _job(slurm_env, job)["JobState"] == "COMPLETED", out.read_text()[-3000:]
+    assert re.search(r"test: \d+ images on 2 rank", eval_out.read_text()), eval_out.read_text()[-3000:]
+    assert (run_dir / "eval" / "test_step_00000003.json").is_file()
+    exported = run_dir / "export" / "step_00000003"
+    assert (exported / "depth_zbuffer.safetensors").is_file() and (exported / "report.md").is_file()
+
+
+def _sbatch(env, options: list[str], script: str, args: list[str]) -> str:
+    cmd = ["sbatch", "--parsable", *options, str(REPO / "slurm" / script), *args]
+    return subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm_env, shards, tmp_path):

@@ -6,10 +6,8 @@ Run under the shared lock: flock /tmp/modsquad-slurm.lock python -m pytest tests
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,19 +18,6 @@ from data_tools.mini_taskonomy import generate
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 REPO = Path(__file__).resolve().parents[2]
-CLUSTER = REPO / "slurm" / "local_cluster.sh"
-
-
-@pytest.fixture(scope="module")
-def slurm_env(tmp_path_factory):
-    subprocess.run(["bash", str(CLUSTER), "install"], check=True, timeout=300)
-    state = tmp_path_factory.mktemp("slurm")
-    subprocess.run(["bash", str(CLUSTER), "start", str(state)], check=True, timeout=60)
-    env = dict(os.environ, SLURM_CONF=str(state / "slurm.conf"), MODSQUAD_PYTHON=sys.executable,
-               PYTHONUNBUFFERED="1")
-    yield env
-    subprocess.run(["scancel", "--user", "root"], env=env, timeout=30)
-    subprocess.run(["bash", str(CLUSTER), "stop", str(state)], check=True, timeout=60)
 
 
 def _jobs(env) -> list[str]:

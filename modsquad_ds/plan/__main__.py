@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from modsquad_ds.plan import comm
-from modsquad_ds.plan.memory import (ParamCounts, activation_bytes_per_image, count_params, peak_bytes,
-                                     state_bytes)
+from modsquad_ds.plan.memory import (ParamCounts, activation_bytes, activation_bytes_per_image, count_params,
+                                     peak_bytes, state_bytes)
 
 GIB = 2**30
 PAPER_IMAGES = 3_790_000  # Taskonomy images the paper trains on (Sec. 4.1)
@@ -49,14 +49,18 @@ def plan_rows(cfg, params: ParamCounts, *, gpus: int, gpu_mem_gib: float, global
     rows = []
     for ep in ep_sizes:
         st = state_bytes(params, world=gpus, ep_size=ep, zero=zero, dtype=dtype)
-        fitting = [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0 and peak_bytes(st, m * act) <= budget]
+
+        def acts(m: int, ep=ep) -> float:
+            return activation_bytes(cfg, m, dtype, capacity_factor, ep)
+
+        fitting = [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0 and peak_bytes(st, acts(m)) <= budget]
         micro = fitting[0] if fitting else 1
         accum = per_gpu // micro
         a2a = comm.alltoall(cfg, micro_batch=micro, accumulation=accum, ep_size=ep, dtype=dtype,
                             capacity_factor=capacity_factor)
         rows.append(Row(ep, {"weights": st.weights / GIB, "master": st.master / GIB, "adam": st.adam / GIB,
                              "grads": st.grads / GIB}, act / GIB, micro, accum,
-                        peak_bytes(st, micro * act) / GIB, a2a.bytes_per_step / GIB,
+                        peak_bytes(st, acts(micro)) / GIB, a2a.bytes_per_step / GIB,
                         comm.seconds(a2a.sent_per_step, link_gbps), bool(fitting)))
     return rows
 
@@ -181,7 +185,7 @@ def _calibrate(cfg, args) -> None:
     params = count_params(cfg)
     st = state_bytes(params, world=1, ep_size=1, zero=args.zero, dtype=args.dtype)
     b = args.calibrate_batch
-    act = b * activation_bytes_per_image(cfg, args.dtype)
+    act = activation_bytes(cfg, b, args.dtype)
     m = measure_step(cfg, b, args.zero, args.dtype)
     predicted = peak_bytes(st, act)
     print(f"calibration (1 process, micro batch {b}, ZeRO {args.zero}, {args.dtype}): "

@@ -181,8 +181,8 @@ def activation_bytes_per_image(cfg, dtype: str = "fp32", capacity_factor: float 
             total += r * 2 * h * a                  # shared keys/values (SDPA)
             total += r * k * f                      # SDPA's logsumexp
             total += r * k * h * a                  # expert-sorted attention output (output projections' input)
-            total += r * k * d * a * 2              # expert outputs and their gated copies (gate multiply, index_add)
-            total += r * k * (a + 3 * i64)          # sorted gates, slot order / token index / inverse
+            total += r * k * d * a                  # expert outputs, unpermuted (the gate multiply's input)
+            total += r * k * (a + 2 * i64)          # gates in slot order; slot order and its inverse
         else:
             total += r * d * a                      # LayerNorm 1 output (qkv input)
             total += r * 3 * d * a                  # q, k, v (SDPA)
@@ -203,6 +203,24 @@ def activation_bytes_per_image(cfg, dtype: str = "fp32", capacity_factor: float 
     total += rows * (d * a + 2 * f) + rows * d * a  # final norm: input, stats, output (heads' input)
     total += s.head_out * a * 2                     # head outputs, kept by the losses with their targets
     return total
+
+
+def expert_weight_copies(cfg, dtype: str = "fp32", ep_size: int = 1) -> float:
+    """Bytes saved once per step, whatever the batch: the local experts' weights stacked into
+    ``(E_local, D, h)`` tensors by the batched expert matmuls (moe/ds_adapter.BatchedExperts), which
+    the matmuls keep for backward, in fc1 and fc2 of every MoE MLP layer. (On sm90+ GPUs in bf16 the
+    grouped kernel stacks MoA's projections too: 2 x E x D x h more per MoE attention layer.)"""
+    s = shapes(cfg)
+    h = s.mlp_hidden // s.mlp_k if cfg.moe.mlp.expert_dim is None else cfg.moe.mlp.expert_dim
+    layers = sum(1 for _attn, mlp in s.kinds if mlp)
+    return layers * 2 * (s.mlp_e // ep_size) * s.dim * h * DTYPE_BYTES[dtype]
+
+
+def activation_bytes(cfg, micro_batch: int, dtype: str = "fp32", capacity_factor: float = 1.0,
+                     ep_size: int = 1) -> float:
+    """Bytes autograd saves for backward in one micro step of ``micro_batch`` images."""
+    return (micro_batch * activation_bytes_per_image(cfg, dtype, capacity_factor)
+            + expert_weight_copies(cfg, dtype, ep_size))
 
 
 def _router(rows: int, dim: int, experts: int, k: int, a: int, noisy: bool) -> float:

@@ -46,13 +46,13 @@ def _capacity_factor(cfg, micro, capacities):
 
 @pytest.mark.parametrize("index", range(4))
 def test_peak_memory_within_15_percent(memory, index):
-    from modsquad_ds.plan.memory import activation_bytes_per_image, count_params, peak_bytes, state_bytes
+    from modsquad_ds.plan.memory import activation_bytes, count_params, peak_bytes, state_bytes
 
     case = memory[0]["memory"][index]
     cfg = _cfg(case, 1)
     state = state_bytes(count_params(cfg), world=1, ep_size=1, zero=case["zero"], dtype=case["dtype"])
     factor = _capacity_factor(cfg, case["micro"], case["capacities"])
-    acts = case["micro"] * activation_bytes_per_image(cfg, case["dtype"], factor)
+    acts = activation_bytes(cfg, case["micro"], case["dtype"], factor)
     predicted = peak_bytes(state, acts)
     label = f"{case['preset']} ZeRO {case['zero']} {case['dtype']}"
     assert abs(predicted / case["peak"] - 1) < 0.15, f"{label}: predicted {predicted:,.0f} B, measured {case['peak']:,}"

@@ -22,13 +22,13 @@ import json, sys
 from modsquad_ds.config import load_config
 from modsquad_ds.distributed.bootstrap import init_distributed
 from modsquad_ds.plan.measure import measure_step
-from modsquad_ds.plan.memory import activation_bytes_per_image, count_params, peak_bytes, state_bytes
+from modsquad_ds.plan.memory import activation_bytes, count_params, peak_bytes, state_bytes
 init_distributed(heartbeat_timeout_s=0)
 out = []
 for preset, micro, zero, dtype in [("small", 2, 1, "bf16"), ("small", 2, 2, "fp32"), ("base", 2, 1, "bf16")]:
     cfg = load_config(preset=preset)
     state = state_bytes(count_params(cfg), world=1, ep_size=1, zero=zero, dtype=dtype)
-    acts = micro * activation_bytes_per_image(cfg, dtype)
+    acts = activation_bytes(cfg, micro, dtype)
     m = measure_step(cfg, micro, zero, dtype)
     out.append({"case": f"{preset} b{micro} ZeRO {zero} {dtype}", "predicted": peak_bytes(state, acts),
                 "measured": m.peak_bytes, "acts": acts, "measured_acts": m.saved_activation_bytes})

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import json
 import sys
 from pathlib import Path
 
@@ -79,7 +78,12 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=1))
+    out = Path(summary["out"])
+    if "whole" in summary:
+        print(f"whole model: {summary['whole']} ({summary['weights']})")
+    else:  # the same figures as report.json, as the table a person reads
+        print((out / "report.md").read_text().rstrip())
+        print(f"per-task models, report.json/.md and kept_experts.png in {out} ({summary['weights']})")
     return 0
 
 

@@ -53,7 +53,12 @@ def usage_maps(path: Path, task_names: Sequence[str], usage: Mapping, key: str =
         ax.set_yticklabels(task_names, fontsize=6)
         ax.tick_params(axis="x", labelsize=6)
         fig.colorbar(im, ax=ax, fraction=0.04)
-    for ax in list(axes.flat)[len(layers):]:
+    _finish(fig, axes, len(layers), title, path)
+
+
+def _finish(fig, axes, used: int, title: str, path: Path) -> None:
+    """Blank the grid's unused panels, add the title, save."""
+    for ax in list(axes.flat)[used:]:
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
@@ -79,12 +84,7 @@ def similarity_map(path: Path, task_names: Sequence[str], matrices: Mapping[str,
         ax.set_yticks(range(n))
         ax.set_yticklabels(task_names, fontsize=6)
         fig.colorbar(im, ax=ax, fraction=0.04)
-    for ax in list(axes.flat)[len(matrices):]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    _save(fig, path)
+    _finish(fig, axes, len(matrices), title, path)
 
 
 def bar_chart(path: Path, labels: Sequence[str], means: Sequence[float], spreads: Sequence[float],

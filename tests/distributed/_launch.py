@@ -22,6 +22,21 @@ SCRIPTS = Path(__file__).resolve().parent / "scripts"
 BIN = Path(sys.executable).parent  # the venv's bin: torchrun, deepspeed, mpiexec live here
 
 
+def mini_shards(root: Path, *, points: int, views: int, seed: int, samples_per_shard: int,
+                splits: tuple[str, ...] = ("train",)) -> Path:
+    """A mini-Taskonomy of 4 buildings at 32 px under ``root``, written as shards of ``splits``."""
+    from data_tools import make_shards
+    from data_tools.mini_taskonomy import generate
+
+    generate(root, buildings=4, points=points, views=views, resolution=32, seed=seed, workers=2, progress=False)
+    out = root / "shards"
+    for split in splits:
+        assert make_shards.main(["--root", str(root), "--out", str(out), "--split", split,
+                                 "--split-csv", str(root / "splits" / "train_val_test_mini.csv"),
+                                 "--samples-per-shard", str(samples_per_shard), "--no-progress"]) == 0
+    return out
+
+
 def base_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     # A launcher's variables leaking in from the test runner would be read as this launch's.

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from _launch import BIN, python, run, run_ok
-from data_tools import make_shards
-from data_tools.mini_taskonomy import generate
+from _launch import BIN, mini_shards, python, run, run_ok
 
 pytestmark = pytest.mark.dist
 
@@ -21,12 +19,7 @@ pytestmark = pytest.mark.dist
 def trained(tmp_path_factory) -> Path:
     """A 2-step Mod-Squad run on 4 buildings x 3 points x 3 views at 32 px (test split: 9 views)."""
     root = tmp_path_factory.mktemp("eval_mini")
-    generate(root, buildings=4, points=3, views=3, resolution=32, seed=2, workers=2, progress=False)
-    shards = root / "shards"
-    for split in ("train", "test"):
-        assert make_shards.main(["--root", str(root), "--out", str(shards), "--split", split, "--split-csv",
-                                 str(root / "splits" / "train_val_test_mini.csv"), "--samples-per-shard", "5",
-                                 "--no-progress", "--workers", "1"]) == 0
+    shards = mini_shards(root, points=3, views=3, seed=2, samples_per_shard=5, splits=("train", "test"))
     run_dir = root / "run"
     run_ok([python(), "-m", "modsquad_ds.train", "--config", "configs/demo.yaml", "--set", f"data.shards_dir={shards}",
             "--set", "data.batch_size=4", "--set", "data.workers=0", "--set", "train.steps=2",

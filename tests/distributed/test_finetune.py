@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _launch import BIN, python, run, run_ok
-from data_tools import make_shards
-from data_tools.mini_taskonomy import generate
+from _launch import BIN, mini_shards, python, run, run_ok
 from modsquad_ds.distributed.env import free_port
 from modsquad_ds.export.reader import load_checkpoint_weights
 from modsquad_ds.finetune import is_task_specific
@@ -27,11 +25,7 @@ NEW_TASKS = "[class_scene,keypoints2d]"
 def source(tmp_path_factory) -> tuple[Path, Path]:
     """Shards of 18 training views and a 2-step source run on three tasks (one process)."""
     root = tmp_path_factory.mktemp("finetune")
-    generate(root, buildings=4, points=3, views=3, resolution=32, seed=2, workers=2, progress=False)
-    shards = root / "shards"
-    assert make_shards.main(["--root", str(root), "--out", str(shards), "--split", "train",
-                             "--split-csv", str(root / "splits" / "train_val_test_mini.csv"),
-                             "--samples-per-shard", "5", "--no-progress"]) == 0
+    shards = mini_shards(root, points=3, views=3, seed=2, samples_per_shard=5)
     run_ok([python(), "-m", "modsquad_ds.train", "--config", "configs/demo.yaml", "--set", f"data.shards_dir={shards}",
             "--set", "data.batch_size=4", "--set", "data.workers=0", "--set", f"tasks.names={SOURCE_TASKS}",
             "--set", "train.steps=2", "--set", "train.warmup_steps=0", "--set", f"train.out_dir={root / 'src'}"],

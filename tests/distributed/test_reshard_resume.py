@@ -10,22 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from _launch import BIN, python, run_ok
-from data_tools import make_shards
-from data_tools.mini_taskonomy import generate
+from _launch import BIN, mini_shards, python, run_ok
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(400)]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("reshard_mini")
-    generate(root, buildings=4, points=2, views=3, resolution=32, seed=2, workers=2, progress=False)
-    out = root / "shards"
-    assert make_shards.main(["--root", str(root), "--out", str(out), "--split", "train",
-                             "--split-csv", str(root / "splits" / "train_val_test_mini.csv"),
-                             "--samples-per-shard", "4", "--no-progress"]) == 0
-    return out
+    return mini_shards(tmp_path_factory.mktemp("reshard_mini"), points=2, views=3, seed=2, samples_per_shard=4)
 
 
 def _metrics(out: Path) -> dict[int, dict]:

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from _launch import BIN, base_env, python, run, run_ok
-from data_tools import make_shards
-from data_tools.mini_taskonomy import generate
+from _launch import BIN, base_env, mini_shards, python, run, run_ok
 
 pytestmark = pytest.mark.dist
 
@@ -25,13 +23,7 @@ pytestmark = pytest.mark.dist
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """4 buildings x 3 points x 3 views at 32 px: 18 training samples in shards of 5 (uneven)."""
-    root = tmp_path_factory.mktemp("train_mini")
-    generate(root, buildings=4, points=3, views=3, resolution=32, seed=1, workers=2, progress=False)
-    out = root / "shards"
-    assert make_shards.main(["--root", str(root), "--out", str(out), "--split", "train",
-                             "--split-csv", str(root / "splits" / "train_val_test_mini.csv"),
-                             "--samples-per-shard", "5", "--no-progress"]) == 0
-    return out
+    return mini_shards(tmp_path_factory.mktemp("train_mini"), points=3, views=3, seed=1, samples_per_shard=5)
 
 
 def _args(shards: Path, out: Path, *extra: str) -> list[str]:

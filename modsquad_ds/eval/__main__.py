@@ -101,8 +101,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from modsquad_ds.distributed import env as launch_env
     from modsquad_ds.distributed.bootstrap import plan_launch
-    from modsquad_ds.eval.checkpoints import (CheckpointError, check_files, expected_expert_files, find_checkpoint,
-                                              step_of)
+    from modsquad_ds.eval.checkpoints import check_files, expected_expert_files, step_of
+    from modsquad_ds.train.checkpoint import CheckpointError, find_checkpoint
 
     run_dir = Path(args.run)
     try:

@@ -6,30 +6,10 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import Optional
 
-from modsquad_ds.train.checkpoint import complete_checkpoints, tag_for
+from modsquad_ds.train.checkpoint import CheckpointError
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
-
-
-class CheckpointError(ValueError):
-    """A missing, incomplete or corrupt checkpoint; the message is one line for the user."""
-
-
-def find_checkpoint(run_dir: Path, step: Optional[int] = None) -> Path:
-    """The folder of checkpoint ``step`` (default: the newest complete one) in ``run_dir``."""
-    root = Path(run_dir) / "checkpoints"
-    found = complete_checkpoints(root)
-    if step is None:
-        if not found:
-            raise CheckpointError(f"no complete checkpoint in {root} (train the run first)")
-        return found[-1]
-    folder = root / tag_for(step)
-    if not folder.is_dir():
-        have = ", ".join(p.name for p in found) or "none"
-        raise CheckpointError(f"no checkpoint {folder.name} in {root} (complete ones: {have})")
-    return folder
 
 
 def check_files(folder: Path, expected_expert_files: int = 0) -> None:

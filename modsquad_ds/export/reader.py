@@ -49,7 +49,7 @@ import torch
 from modsquad_ds.config.loader import load_config
 from modsquad_ds.config.schema import ConfigError, RunConfig
 from modsquad_ds.moe.ds_adapter import expert_checkpoint_name, reference_key
-from modsquad_ds.train.checkpoint import complete_checkpoints, tag_for
+from modsquad_ds.train.checkpoint import CheckpointError, find_checkpoint
 
 __all__ = ["CheckpointError", "CheckpointWeights", "load_checkpoint_weights", "find_checkpoint",
            "MODEL_STATES", "SOURCE_MASTER", "SOURCE_MODULE", "SOURCE_UPCAST"]
@@ -61,13 +61,6 @@ SOURCE_UPCAST = "bf16 module weights upcast to fp32 (no fp32 master weights in t
 
 _ZERO_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 _LOCAL_EXPERT = re.compile(r"(\.deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)\.")
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint folder that cannot be read: one line naming the missing or bad piece."""
-
-    def __init__(self, message: str):
-        super().__init__("", message)
 
 
 @dataclass
@@ -125,29 +118,6 @@ def _load(path: Path) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a DeepSpeed checkpoint file (holds a {type(obj).__name__})")
     return obj
-
-
-def find_checkpoint(run_dir: Path, step: Optional[int] = None) -> Path:
-    """The complete checkpoint folder of ``run_dir`` at ``step`` (None: the one ``latest`` names, else
-    the newest complete one). Folders still being written (``.partial-*``) are never chosen."""
-    root = Path(run_dir) / "checkpoints"
-    found = complete_checkpoints(root)
-    if step is not None:
-        folder = root / tag_for(step)
-        if folder not in found:
-            have = ", ".join(str(int(p.name[5:])) for p in found) or "none"
-            raise CheckpointError(f"{root}: no complete checkpoint for step {step} (complete steps: {have})")
-        return folder
-    if not found:
-        partial = sorted(p.name for p in root.glob(".partial-*")) if root.is_dir() else []
-        extra = f" (only unfinished {', '.join(partial)})" if partial else ""
-        raise CheckpointError(f"{root}: no complete checkpoint (step_NNNNNNNN folder){extra}")
-    latest = root / "latest"
-    if latest.is_file():
-        named = root / latest.read_text().strip()
-        if named in found:
-            return named
-    return found[-1]
 
 
 def _run_config(run_dir: Path) -> RunConfig:

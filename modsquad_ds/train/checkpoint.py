@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from modsquad_ds.config.schema import ConfigError
 from modsquad_ds.distributed.collectives import is_distributed
 from modsquad_ds.train import manifest
 
@@ -58,6 +59,36 @@ def complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint folder that cannot be read: one line naming the missing or bad piece."""
+
+    def __init__(self, message: str):
+        super().__init__("", message)
+
+
+def find_checkpoint(run_dir: Path, step: Optional[int] = None) -> Path:
+    """The complete checkpoint folder of ``run_dir`` at ``step`` (None: the one ``latest`` names, else
+    the newest complete one). Folders still being written (``.partial-*``) are never chosen."""
+    root = Path(run_dir) / "checkpoints"
+    found = complete_checkpoints(root)
+    if step is not None:
+        folder = root / tag_for(step)
+        if folder not in found:
+            have = ", ".join(str(int(p.name[5:])) for p in found) or "none"
+            raise CheckpointError(f"{root}: no complete checkpoint for step {step} (complete steps: {have})")
+        return folder
+    if not found:
+        partial = sorted(p.name for p in root.glob(".partial-*")) if root.is_dir() else []
+        extra = f" (only unfinished {', '.join(partial)})" if partial else ""
+        raise CheckpointError(f"{root}: no complete checkpoint (step_NNNNNNNN folder){extra}")
+    latest = root / "latest"
+    if latest.is_file():
+        named = root / latest.read_text().strip()
+        if named in found:
+            return named
+    return found[-1]
 
 
 def _write_atomic(path: Path, text: str) -> None:

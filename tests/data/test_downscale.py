@@ -3,7 +3,6 @@ batches as it makes from full-size shards by resizing itself, up to the re-encod
 
 import json
 
-import numpy as np
 import pytest
 import torch
 

@@ -181,8 +181,8 @@ def activation_bytes_per_image(cfg, dtype: str = "fp32", capacity_factor: float 
             total += r * 2 * h * a                  # shared keys/values (SDPA)
             total += r * k * f                      # SDPA's logsumexp
             total += r * k * h * a                  # expert-sorted attention output (output projections' input)
-            total += r * k * d * a                  # expert outputs, unpermuted (the gate multiply's input)
-            total += r * k * (a + 2 * i64)          # gates in slot order; slot order and its inverse
+            total += r * k * d * a                  # expert outputs in expert order (the combine's input)
+            total += r * k * (f + 3 * i64)          # gates (fp32); slot tokens, slot order and its inverse
         else:
             total += r * d * a                      # LayerNorm 1 output (qkv input)
             total += r * 3 * d * a                  # q, k, v (SDPA)

@@ -140,7 +140,7 @@ def test_model_conversion_round_trip_is_exact():
     loss.backward(), loss_ref.backward()
     ref_params = dict(ref.named_parameters())
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_params[ep.reference_key(n)].grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(p.grad, ref_params[ep.reference_key(n)].grad, rtol=1e-5, atol=1e-6)  # fp32 summation order
     back = ep.convert_to_single_process(model)
     assert not ep.expert_parallel_layers(back)
     assert all(torch.equal(v, ref_state[k]) for k, v in back.state_dict().items())

@@ -63,10 +63,13 @@ class TaskRouter(nn.Module):
 
     def _route(self, x_TSD: torch.Tensor, task_ids_T: torch.Tensor) -> RoutingResult:
         x = x_TSD.float()
-        logits = torch.bmm(x, self.task_wg[task_ids_T].float())
         if self.task_wnoise is not None and (self.training or self.noise_at_eval):
-            noise_std = F.softplus(torch.bmm(x, self.task_wnoise[task_ids_T].float()))
-            logits = logits + torch.randn_like(logits) * (noise_std + self.noise_epsilon)
+            # gate and noise projections in one bmm: one pass over the tokens, one launch
+            both = torch.bmm(x, torch.cat((self.task_wg, self.task_wnoise), dim=2)[task_ids_T].float())
+            logits, noise_logits = both.split(self.num_experts, dim=2)
+            logits = logits + torch.randn_like(logits) * (F.softplus(noise_logits) + self.noise_epsilon)
+        else:
+            logits = torch.bmm(x, self.task_wg[task_ids_T].float())
         probs = logits.softmax(dim=-1)
         gates, topk_ids = probs.topk(self.top_k, dim=-1)
         return RoutingResult(logits, probs, topk_ids, gates)

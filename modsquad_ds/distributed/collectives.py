@@ -85,10 +85,23 @@ def any_rank(flag: bool, group=None) -> bool:
     return all_reduce_scalar(1.0 if flag else 0.0, op="max", group=group) > 0.0
 
 
-def all_finite(value: float | torch.Tensor, group=None) -> bool:
-    """True on every rank iff ``value`` (a loss) is finite on every rank."""
-    finite = bool(torch.isfinite(torch.as_tensor(value)).all())
-    return not any_rank(not finite, group)
+def step_vote(loss: torch.Tensor, wish: float, group=None) -> tuple[bool, float]:
+    """The trainer's one collective per micro step: ``(loss finite on every rank, largest wish)``.
+
+    ``wish`` is this rank's stop request (the trainer's 0 go on, 1 save, 2 save and stop). Both go in
+    one MAX all-reduce of two numbers made on the loss's device, so the finite check and the stop
+    vote cost one collective and one device-to-host read per micro step, the least failure detection
+    needs: a NaN on one rank must stop every rank together, or the others wait in the next all-reduce.
+    """
+    nonfinite = ~torch.isfinite(loss.detach()).all()
+    if not is_distributed(group):
+        return not bool(nonfinite), float(wish)
+    flags = torch.full((2,), float(wish), dtype=torch.float32, device=loss.device)
+    flags[0] = nonfinite  # a device copy, no sync
+    flags = flags.to(_device(group))  # gloo reduces CPU tensors, NCCL only CUDA ones
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    bad, most = flags.tolist()
+    return bad == 0.0, most
 
 
 def _device(group: Optional[object]) -> torch.device:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from modsquad_ds.config.loader import save_config
 from modsquad_ds.config.schema import RunConfig
 from modsquad_ds.data.loader import build_train_loader
-from modsquad_ds.distributed.collectives import all_finite, all_reduce_scalar, all_reduce_sum_autograd, is_distributed
+from modsquad_ds.distributed.collectives import all_reduce_sum_autograd, is_distributed, step_vote
 from modsquad_ds.distributed.ds_config import save_ds_config
 from modsquad_ds.model.factory import build_model
 from modsquad_ds.model.objective import MultiTaskObjective
@@ -210,7 +210,10 @@ class Trainer:
                 self.skips.observe(loader)
                 boundary = engine.is_gradient_accumulation_boundary()
                 loss, stats, routing = engine(batch)
-                if not all_finite(loss.detach()):
+                # one collective per micro step decides for all ranks: is the loss finite everywhere,
+                # and does any rank want to save (1) or save and stop (2); acted on at the boundary
+                finite, wish = step_vote(loss, 2.0 if requests.stop else 1.0 if requests.save else 0.0)
+                if not finite:
                     bad_steps += 1
                     logger.message(f"step {pos.step}: non-finite loss on some rank, micro step skipped "
                                    f"({bad_steps}/{t.nonfinite_patience})")
@@ -234,8 +237,6 @@ class Trainer:
                 result.steps_run += 1
                 if not result.seconds_to_first_step:
                     result.seconds_to_first_step = time.perf_counter() - started
-                # one collective decides for all ranks: 2 = save and stop, 1 = save, 0 = go on
-                wish = all_reduce_scalar(2.0 if requests.stop else 1.0 if requests.save else 0.0, op="max")
                 save, stop = wish >= 1.0, wish >= 2.0
                 last = stop or pos.step >= stop_at  # logged too, however short the run
                 scalars = None

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from modsquad_ds.distributed.bootstrap import init_distributed, shutdown
-from modsquad_ds.distributed.collectives import all_finite, all_reduce_scalar, any_rank
+from modsquad_ds.distributed.collectives import all_reduce_scalar, any_rank, step_vote
 
 
 def main() -> None:
@@ -37,9 +37,12 @@ def main() -> None:
         "argv_local_rank": args.local_rank,
         # The NaN-storm stop: one rank's bad loss must stop every rank.
         "any_last_rank": any_rank(ctx.rank == ctx.world_size - 1),
-        "all_finite_if_last_nan": all_finite(float("nan") if ctx.rank == ctx.world_size - 1 else 1.0),
-        "all_finite_clean": all_finite(1.0), "max_rank": all_reduce_scalar(ctx.rank, op="max"), "env": {k: os.environ.get(k) for k in
-                                                    ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")},
+        # The trainer's micro-step vote: finite everywhere, and the largest stop wish of any rank.
+        "vote_if_last_nan": step_vote(torch.tensor(float("nan") if ctx.rank == ctx.world_size - 1 else 1.0),
+                                      float(ctx.rank)),
+        "vote_clean": step_vote(torch.tensor(1.0), 2.0 if ctx.rank == 0 else 0.0),
+        "max_rank": all_reduce_scalar(ctx.rank, op="max"),
+        "env": {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{ctx.rank}.json").write_text(json.dumps(record))

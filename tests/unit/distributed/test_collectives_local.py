@@ -2,7 +2,7 @@
 
 import torch
 
-from modsquad_ds.distributed.collectives import all_finite, all_reduce_scalar, all_reduce_sum_autograd, any_rank
+from modsquad_ds.distributed.collectives import all_reduce_scalar, all_reduce_sum_autograd, any_rank, step_vote
 from modsquad_ds.distributed.watchdog import is_comm_failure
 
 
@@ -17,8 +17,9 @@ def test_autograd_all_reduce_is_identity_without_a_group():
 def test_scalar_helpers_without_a_group():
     assert all_reduce_scalar(2.5) == 2.5
     assert any_rank(True) and not any_rank(False)
-    assert all_finite(torch.tensor(1.0)) and not all_finite(torch.tensor(float("nan")))
-    assert not all_finite(float("inf"))
+    assert step_vote(torch.tensor(1.0), 2.0) == (True, 2.0)
+    assert step_vote(torch.tensor(float("nan")), 0.0) == (False, 0.0)
+    assert step_vote(torch.tensor(float("inf")), 1.0) == (False, 1.0)
 
 
 def test_comm_failure_classification():

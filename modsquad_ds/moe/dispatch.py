@@ -48,15 +48,23 @@ class DispatchPlan:
         return self.counts_E.tolist()
 
 
+def sort_by_expert(flat_ids_S: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(slot_order, counts_E)``: slot ids stably sorted by expert, and slots per expert, on the device.
+
+    ``scatter_add``, not ``bincount``: bincount on CUDA reads the maximum back to size its output.
+    """
+    slot_order = torch.argsort(flat_ids_S, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_ids_S.device)
+    counts.scatter_add_(0, flat_ids_S, torch.ones_like(flat_ids_S))
+    return slot_order, counts
+
+
 def plan(topk_ids_NK: torch.Tensor, gates_NK: torch.Tensor, num_experts: int) -> DispatchPlan:
     num_tokens, k = topk_ids_NK.shape
     flat_ids = topk_ids_NK.reshape(-1)
-    slot_order = torch.argsort(flat_ids, stable=True)
+    slot_order, counts = sort_by_expert(flat_ids, num_experts)
     inverse = torch.empty_like(slot_order)
     inverse[slot_order] = torch.arange(slot_order.numel(), device=slot_order.device)
-    # scatter_add, not bincount: bincount on CUDA reads the maximum back to size its output
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_ids.device)
-    counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
     return DispatchPlan(slot_order, inverse, slot_order // k, gates_NK.reshape(-1)[slot_order],
                         flat_ids[slot_order], counts, torch.cumsum(counts, 0).to(torch.int32), num_tokens, k)
 

@@ -51,6 +51,7 @@ from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_gr
 from deepspeed.utils import groups
 from timm.layers import Mlp
 
+from modsquad_ds.moe.dispatch import sort_by_expert
 from modsquad_ds.moe.layer import MoEMlp
 from modsquad_ds.moe.router import RoutingResult, TaskRouter
 from modsquad_ds.moe.stats import RoutingStats, routing_stats
@@ -113,12 +114,11 @@ class TaskGate(nn.Module):
 def _locations(ids_SK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Position of each (token, choice) among its expert's slots, in token order; and the counts.
 
-    A stable sort by expert instead of DeepSpeed's ``cumsum`` over a one-hot ``(S*K, E)`` mask:
-    O(S K log) memory-light, same result.
+    The dispatch plan's stable sort by expert (moe/dispatch.py) instead of DeepSpeed's ``cumsum`` over
+    a one-hot ``(S*K, E)`` mask: O(S K log) memory-light, same result, no host sync.
     """
     flat = ids_SK.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    order, counts = sort_by_expert(flat, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     pos_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
     locations = torch.empty_like(flat)

@@ -99,11 +99,10 @@ _LOADER = textwrap.dedent("""
     cfg = load_config(["configs/demo.yaml"])  # data.workers: 1, as users run it
     it = iter(EpochLoader(_dataloader(Slow(), cfg, batch_size=None), 10**6, 0, 0, 0))
     next(it)
-    import psutil
-    print(psutil.Process().children()[0].pid, flush=True)
+    import psutil, signal
     signal_seen = []
-    import signal
-    signal.signal(signal.SIGTERM, lambda *a: signal_seen.append(1))
+    signal.signal(signal.SIGTERM, lambda *a: signal_seen.append(1))  # before the test may send it
+    print(psutil.Process().children()[0].pid, flush=True)
     while not signal_seen:
         next(it)  # keeps using the worker: a dead worker raises here
     for _ in range(5):

@@ -2,7 +2,8 @@
 
 Works on whatever module holds the weights: a DeepSpeed engine's model (expert-parallel layers
 included: every rank runs the same number of batches) or a plain ``ModSquadViT``. Batches are moved
-to the model's device and dtype; metrics are summed in float64 on the CPU.
+to the model's device and dtype; routing sums stay on the device until the one all-reduce; metrics
+are summed in float64 on the CPU (one copy of the predictions per batch).
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def evaluate_model(model, cfg, split: str, rank: int = 0, world_size: int = 1,
                               disable=not progress, dynamic_ncols=True):
                 weight = batch.pop("weight")
                 corrupt += int(batch.pop("corrupt"))
-                recorder.sample_weight = weight
-                out = model(batch["image"].to(device=device, dtype=dtype))
+                recorder.sample_weight = weight.to(device, non_blocking=True)
+                out = model(batch["image"].to(device=device, dtype=dtype, non_blocking=True))
                 preds = {k: v.float() for k, v in out.preds.items()}
                 sums.update(preds, batch, weight)
     finally:

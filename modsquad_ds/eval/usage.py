@@ -44,13 +44,22 @@ class LayerUsage:
     def tensors(self) -> list[torch.Tensor]:
         return [self.soft_TE, self.hard_TE, self.tokens_T, self.overlap_TT, self.overlap_tokens]
 
+    def to(self, device: torch.device) -> "LayerUsage":
+        """Keep the sums where the routing is (no device-to-host copy, and sync, per router call)."""
+        if self.soft_TE.device != device:
+            self.soft_TE, self.hard_TE, self.tokens_T, self.overlap_TT, self.overlap_tokens = (
+                t.to(device) for t in self.tensors())
+        return self
+
     def add(self, r: RoutingResult, task_ids_T: torch.Tensor, weight_S: torch.Tensor) -> None:
         t, s, e = r.probs_TSE.shape
-        ids = task_ids_T.detach().cpu().long()
-        w = weight_S.to(torch.float64)
-        probs = r.probs_TSE.detach().cpu().to(torch.float64)
-        chosen_TSE = torch.zeros(t, s, e, dtype=torch.float64).scatter_(
-            2, r.topk_ids_TSK.detach().cpu().long(), 1.0)
+        device = r.probs_TSE.device
+        self.to(device)
+        ids = task_ids_T.detach().to(device, torch.long)
+        w = weight_S.to(device, torch.float64)
+        probs = r.probs_TSE.detach().to(torch.float64)
+        chosen_TSE = torch.zeros(t, s, e, dtype=torch.float64, device=device).scatter_(
+            2, r.topk_ids_TSK.detach().long(), 1.0)
         self.soft_TE.index_add_(0, ids, torch.einsum("tse,s->te", probs, w))
         self.hard_TE.index_add_(0, ids, torch.einsum("tse,s->te", chosen_TSE, w))
         self.tokens_T.index_add_(0, ids, w.sum().expand(t).clone())
@@ -93,20 +102,22 @@ class RouteRecorder:
             task_ids_T = inputs[1]
             s = output.probs_TSE.shape[1]
             if self.sample_weight is None:
-                weight_S = torch.ones(s)
+                weight_S = torch.ones(s, device=output.probs_TSE.device)
             else:
                 b = self.sample_weight.numel()
-                weight_S = self.sample_weight.detach().cpu().repeat_interleave(s // b)
+                weight_S = self.sample_weight.detach().repeat_interleave(s // b)
             self.layers[name].add(output, task_ids_T, weight_S)
         return hook
 
     def vector(self) -> torch.Tensor:
-        parts = [t.reshape(-1) for name in sorted(self.layers) for t in self.layers[name].tensors()]
+        """Every sum in one float64 vector on the CPU (once per evaluation), for the all-reduce."""
+        parts = [t.reshape(-1).cpu() for name in sorted(self.layers) for t in self.layers[name].tensors()]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
     def load_vector(self, vec: torch.Tensor) -> None:
+        """Put reduced sums back, on the CPU (where similarity.py reads them)."""
         vec, pos = vec.detach().cpu().to(torch.float64), 0
         for name in sorted(self.layers):
-            for t in self.layers[name].tensors():
+            for t in self.layers[name].to(torch.device("cpu")).tensors():
                 t.copy_(vec[pos:pos + t.numel()].view_as(t))
                 pos += t.numel()

@@ -105,13 +105,19 @@ class ModSquadViT(nn.Module):
         return block(x_TBND, task_ids_T)
 
     def task_ids(self, tasks: TaskSelector = None) -> torch.Tensor:
+        return self._select(tasks)[1]
+
+    def _select(self, tasks: TaskSelector) -> tuple[list[str], torch.Tensor]:
+        """The selected tasks' names (on the host) and ids (on the model's device). Only a selection
+        given as a device tensor is read back; the usual ones (all tasks, names) cost no host sync."""
         device = self.task_embed.device
         if tasks is None:
-            return torch.arange(len(self.task_names), device=device)
+            return list(self.task_names), torch.arange(len(self.task_names), device=device)
         if isinstance(tasks, torch.Tensor):
-            return tasks.to(device=device, dtype=torch.long)
+            ids_T = tasks.to(device=device, dtype=torch.long)
+            return [self.task_names[i] for i in ids_T.tolist()], ids_T
         ids = [self.task_names.index(t) if isinstance(t, str) else int(t) for t in tasks]
-        return torch.tensor(ids, dtype=torch.long, device=device)
+        return [self.task_names[i] for i in ids], torch.tensor(ids, dtype=torch.long, device=device)
 
     def embed(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         """Task-independent prefix: patches, class token, positions, dense blocks before MoE."""
@@ -134,10 +140,7 @@ class ModSquadViT(nn.Module):
         return self.norm(x_TBND), routing
 
     def forward(self, images_BCHW: torch.Tensor, tasks: TaskSelector = None) -> ModelOutput:
-        task_ids_T = self.task_ids(tasks)
+        names, task_ids_T = self._select(tasks)
         x_TBND, routing = self.forward_features(images_BCHW, task_ids_T)
-        preds = {}
-        for slot, task_id in enumerate(task_ids_T.tolist()):
-            name = self.task_names[task_id]
-            preds[name] = self.heads[name](x_TBND[slot])
+        preds = {name: self.heads[name](x_TBND[slot]) for slot, name in enumerate(names)}
         return ModelOutput(preds, routing)

@@ -81,7 +81,7 @@ def expert_linear(x_SI: torch.Tensor, p: DispatchPlan, weights_IO: Sequence[torc
                   biases_O: Sequence[torch.Tensor] | None, kernel: str = "auto") -> torch.Tensor:
     """Row s of ``x_SI`` times ``weights_IO[expert of s]`` (+ its bias), rows sorted by expert."""
     device_type = x_SI.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         # Autocast does not reach inside a custom autograd Function, nor grouped_mm: cast here as it
         # would cast a matmul (inputs and weights to the autocast dtype; the casts are differentiable).
         dtype = torch.get_autocast_dtype(device_type)

@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     from modsquad_ds.data.corrupt import CorruptDataError
     from modsquad_ds.distributed.bootstrap import init_distributed, seed_everything, shutdown
     from modsquad_ds.distributed.collectives import any_rank
+    from modsquad_ds.distributed.cpu_threads import set_cpu_threads
     from modsquad_ds.distributed.watchdog import EXIT_DATA, EXIT_NONFINITE, EXIT_STOPPED, die, fail_fast
     from modsquad_ds.train.checkpoint import CheckpointDamaged, ResumeMismatch
     from modsquad_ds.train.run_lock import RunFolderBusy, RunLock
@@ -115,6 +116,7 @@ def main(argv=None) -> int:
         return 2
     seed_everything(cfg.seed)
     with fail_fast(ctx.rank, ctx.world_size):
+        threads = set_cpu_threads(cfg.data.workers)
         # The run folder belongs to one run: rank 0 locks it for the run's life (released by the
         # kernel however the process ends) and every rank learns the verdict.
         busy, lock = None, None
@@ -129,8 +131,9 @@ def main(argv=None) -> int:
             shutdown(ctx)
             return 2
         if ctx.rank == 0:
+            cpu = "" if threads is None else f" | {threads} cpu threads per rank"
             print(f"modsquad_ds.train: {dims.describe()} | {launch.describe()} | "
-                  f"init {ctx.init_seconds:.1f}s", flush=True)
+                  f"init {ctx.init_seconds:.1f}s{cpu}", flush=True)
         try:
             result = Trainer(cfg, ds_config, ctx.rank, ctx.world_size).run()
             if result.stopped_by_signal:

@@ -93,6 +93,29 @@ def build_engine(cfg: RunConfig, ds_config: dict):
     return engine
 
 
+class DataWait:
+    """Seconds the host spent waiting for the loader's next batch. By then the model's work of the
+    previous micro step is issued (on GPUs) or done (on CPUs), so time here is time the model idles."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def timed(self, loader):
+        batches = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.seconds += time.perf_counter() - t0
+            yield batch
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 def _mean_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
     keys = sorted(sums)
     # reduced where the stats live: NCCL reduces CUDA tensors only
@@ -202,10 +225,11 @@ class Trainer:
         images_per_micro = cfg.data.batch_size * self.world_size
         sums: dict[str, torch.Tensor] = {}
         micro_in_window, bad_steps = 0, 0
-        window_start, window_images = time.perf_counter(), 0
+        window_start, window_images, data_wait = time.perf_counter(), 0, DataWait()
+        cuda = torch.device(engine.device).type == "cuda"
         while pos.step < stop_at:
             loader = build_train_loader(cfg, self.rank, self.world_size, pos.epoch, pos.batch_in_epoch)
-            for batch in loader:
+            for batch in data_wait.timed(loader):
                 pos.batch_in_epoch += 1
                 self.skips.observe(loader)
                 boundary = engine.is_gradient_accumulation_boundary()
@@ -246,8 +270,13 @@ class Trainer:
                     note = self.skips.due_message(pos.step)
                     if note:
                         logger.message(note)
-                    elapsed = time.perf_counter() - window_start
-                    scalars["perf/images_per_s"] = window_images / max(elapsed, 1e-9)
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    scalars["perf/images_per_s"] = window_images / elapsed
+                    # share of the window rank 0 spent waiting for batches: the loader falls behind
+                    # the model when it grows (data.workers, make_shards --resize; docs/benchmarks.md)
+                    scalars["perf/data_wait_pct"] = 100.0 * data_wait.take() / elapsed
+                    if cuda:
+                        scalars["perf/max_memory_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
                     scalars["lr"] = engine.get_lr()[0]
                     result.last_scalars, result.images_per_second = scalars, scalars["perf/images_per_s"]
                     window_start, window_images = time.perf_counter(), 0

@@ -89,6 +89,10 @@ def test_saved_run_folder_has_config_checkpoint_and_logs(shards, tmp_path):
     assert (out / "usage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     losses = _losses(out)
     assert set(losses[1]) >= {"loss/total", "loss/normal", "mi/blocks.0.attn", "mi/blocks.1.mlp"}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:  # the throughput and the share of it lost waiting for the loader, every logged step
+        assert row["perf/images_per_s"] > 0 and 0.0 <= row["perf/data_wait_pct"] < 100.0
+        assert "perf/max_memory_gib" not in row  # CUDA only (tests/gpu/test_trainer_cuda.py)
 
 
 def test_interrupted_save_leaves_previous_checkpoint_usable(shards, tmp_path):

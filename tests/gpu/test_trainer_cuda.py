@@ -72,6 +72,8 @@ def test_trains_and_resumes_on_cuda(shards, tmp_path, ds_config):
     _train(shards, parts, ds_config, 6)
     expected, resumed = _losses(whole), _losses(parts)
     assert sorted(resumed) == sorted(expected) == list(range(1, 7))
+    rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["perf/max_memory_gib"] > 0 and 0.0 <= r["perf/data_wait_pct"] < 100.0 for r in rows)
     rel = BF16_RESUME_REL if "bf16" in ds_config else FP32_RESUME_REL
     for step in range(4, 7):
         assert _close(resumed[step], expected[step], rel), \

@@ -144,3 +144,19 @@ def test_skip_summary_is_one_line_naming_shards():
     line = describe({"train-000001.tar": {"shape mismatch": 2, "undecodable": 1}, "train-000007.tar": {"shape mismatch": 1}})
     assert line == ("4 samples skipped as unusable: train-000001.tar (shape mismatch 2, undecodable 1), "
                     "train-000007.tar (shape mismatch 1)")
+
+
+def test_data_wait_counts_time_in_the_loader_not_in_the_step():
+    from modsquad_ds.train.trainer import DataWait
+
+    def slow_loader():
+        for i in range(3):
+            time.sleep(0.05)
+            yield i
+
+    wait = DataWait()
+    assert list(wait.timed(slow_loader())) == [0, 1, 2]
+    assert wait.take() >= 3 * 0.05 and wait.take() == 0.0  # take() resets the window
+    for _ in wait.timed(range(3)):
+        time.sleep(0.2)  # the step's own time is not waiting
+    assert wait.take() < 3 * 0.2

@@ -39,14 +39,16 @@ def _step_batched(model, objective, batch):
 
 
 class Variant:
-    def __init__(self, name, model, objective, step, device):
+    def __init__(self, name, model, objective, step, device, bf16=None):
+        """``bf16``: autocast to bfloat16 (default: on CUDA, not on CPU)."""
         self.name, self.model, self.objective, self.step = name, model.to(device), objective.to(device), step
         params = list(self.model.parameters()) + list(self.objective.parameters())
         self.opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
         self.device = device
+        self.bf16 = device.type == "cuda" if bf16 is None else bf16
 
     def __call__(self, batch):
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16
                     else contextlib.nullcontext())
         with autocast:
             self.step(self.model, self.objective, batch)

@@ -4,8 +4,9 @@
 #     bash benchmarks/gpu_check.sh            # from the repository root; results in $OUT/gpu_check.txt
 #
 # 1. installs the carried wheels (./wheels, made by benchmarks/gpu_wheels.sh) into /tmp/site;
-# 2. the benchmarks: benchmarks/moe_layer.py (small, base) and benchmarks/train_step.py (small with
-#    32 images, base with 16), each ratio measured side by side in one run;
+# 2. the benchmarks: benchmarks/moe_layer.py (small, base), benchmarks/train_step.py (small with
+#    32 images, base with 16) and benchmarks/trainer_overhead.py (the real trainer against the plain
+#    step, on a 224 px mini-Taskonomy made on the spot), each ratio measured side by side in one run;
 # 3. tests/gpu (trainer on CUDA with every ds_config, resume, bf16 vs fp32; the fast layers vs the
 #    reference), with whatever time is left of the budget (default 450 s, under the 8 minutes).
 # Everything goes into one file, $OUT/gpu_check.txt (OUT defaults to runs/gpu_check). Parts that
@@ -35,6 +36,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a deadline, output into the r
 }
 
 if compgen -G "wheels/*.whl" > /dev/null; then
+    rm -rf /tmp/site
     "$PY" -m pip install -q --no-index --no-deps --target /tmp/site wheels/*.whl 2>&1 | tail -n 3
     export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
@@ -57,15 +59,29 @@ for name in ("deepspeed", "timm", "webdataset"):
 print("grouped_mm:", hasattr(torch.nn.functional, "grouped_mm"))
 PY
 
+DATA=${GPU_CHECK_DATA:-/tmp/gpu_check_data}
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     LAYER_ARGS=(--shapes small base) SMALL_ARGS=(--presets small --batch 32) BASE_ARGS=(--presets base --batch 16)
+    # 8 training buildings x 80 views = 640 samples at 224 px: 20 batches of 32, the trainer's two
+    # windows of 10 steps inside one epoch (no loader restart in the timed window)
+    GEN_ARGS=(--buildings 10 --points 10 --views 8 --resolution 224 --workers 16) SHARD_WORKERS=16
+    TRAINER_ARGS=(--steps 10 --set preset=small --set data.batch_size=32 --set data.workers=8
+                  --set train.ds_config=ds_configs/zero1_bf16.json)
 else  # the CPU dry run: small shapes, few repeats
     LAYER_ARGS=(--shapes cpu --reps 3 --threads 1) SMALL_ARGS=(--presets tiny --batch 2 --repeats 2 --threads 1) BASE_ARGS=()
+    GEN_ARGS=(--buildings 4 --points 3 --views 4 --resolution 32 --workers 2) SHARD_WORKERS=2
+    TRAINER_ARGS=(--steps 3 --set data.batch_size=4 --set data.workers=1)
 fi
 part "moe_layer" 90 "$PY" benchmarks/moe_layer.py "${LAYER_ARGS[@]}"
 part "train_step small" 75 "$PY" benchmarks/train_step.py "${SMALL_ARGS[@]}"
 if (( ${#BASE_ARGS[@]} )); then
     part "train_step base" 75 "$PY" benchmarks/train_step.py "${BASE_ARGS[@]}"
 fi
-part "tests/gpu" 400 "$PY" -m pytest -q -rA -p no:cacheprovider tests/gpu
+rm -rf "$DATA"
+part "trainer_overhead data" 60 bash -c "'$PY' -m data_tools.mini_taskonomy --out '$DATA/raw' ${GEN_ARGS[*]} &&
+    '$PY' -m data_tools.make_shards --root '$DATA/raw' --out '$DATA/shards' --split train --no-progress \
+        --split-csv '$DATA/raw/splits/train_val_test_mini.csv' --workers $SHARD_WORKERS"
+part "trainer_overhead" 120 "$PY" benchmarks/trainer_overhead.py --set "data.shards_dir=$DATA/shards" "${TRAINER_ARGS[@]}"
+# -v: a line per test as it ends, so a run cut by the deadline still says what passed
+part "tests/gpu" 400 "$PY" -m pytest -v -rfEs -p no:cacheprovider tests/gpu
 log "gpu_check done in $(( $(date +%s) - START ))s"

@@ -7,8 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-wheels}
 PY=${PYTHON:-python3}
+# deepspeed's own dependencies that the GPU image lacks (psutil among them), webdataset, timm, and
+# pytest with the plugins and dependencies tests/gpu needs (--strict-markers knows pytest-timeout's marker)
 PACKAGES="deepspeed hjson pydantic pydantic_core annotated-types typing-inspection webdataset braceexpand timm
-einops py-cpuinfo msgpack"
+einops py-cpuinfo msgpack psutil pytest pluggy iniconfig pygments pytest-timeout"
 pins=()
 for name in $PACKAGES; do
     line=$(grep -iE "^${name//[-_]/[-_]}==" constraints.txt) || { echo "gpu_wheels: $name is not in constraints.txt" >&2; exit 1; }

@@ -4,11 +4,13 @@
 #     bash benchmarks/gpu_check.sh            # from the repository root; results in $OUT/gpu_check.txt
 #
 # 1. installs the carried wheels (./wheels, made by benchmarks/gpu_wheels.sh) into /tmp/site;
-# 2. the benchmarks: benchmarks/moe_layer.py (small, base), benchmarks/train_step.py (small with
+# 2. tests/gpu, part one: the fast layers against the reference, the trainer on CUDA with every
+#    ds_config (resume, bf16 vs fp32);
+# 3. the benchmarks: benchmarks/moe_layer.py (small, base), benchmarks/train_step.py (small with
 #    32 images, base with 16) and benchmarks/trainer_overhead.py (the real trainer against the plain
 #    step, on a 224 px mini-Taskonomy made on the spot), each ratio measured side by side in one run;
-# 3. tests/gpu (trainer on CUDA with every ds_config, resume, bf16 vs fp32; the fast layers vs the
-#    reference), with whatever time is left of the budget (default 450 s, under the 8 minutes).
+# 4. tests/gpu, the rest: evaluation, export and the planner on CUDA.
+# Each part has its own deadline inside the budget (default 450 s, under the 8 minutes).
 # Everything goes into one file, $OUT/gpu_check.txt (OUT defaults to runs/gpu_check). Parts that
 # fail or run out of time are recorded and the script goes on. Without CUDA the GPU tests skip and
 # the benchmarks run their CPU shapes (a dry run of this script).
@@ -72,6 +74,10 @@ else  # the CPU dry run: small shapes, few repeats
     GEN_ARGS=(--buildings 4 --points 3 --views 4 --resolution 32 --workers 2) SHARD_WORKERS=2
     TRAINER_ARGS=(--steps 3 --set data.batch_size=4 --set data.workers=1)
 fi
+# -v: a line per test as it ends, so a run cut by its deadline still says what passed. The kernels
+# and the trainer first (the crash of issue 7), the evaluation, export and planner checks last.
+FIRST_TESTS=(tests/gpu/test_layers_cuda.py tests/gpu/test_trainer_cuda.py)
+part "tests/gpu: kernels, trainer" 240 "$PY" -m pytest -v -rfEs -p no:cacheprovider "${FIRST_TESTS[@]}"
 part "moe_layer" 90 "$PY" benchmarks/moe_layer.py "${LAYER_ARGS[@]}"
 part "train_step small" 75 "$PY" benchmarks/train_step.py "${SMALL_ARGS[@]}"
 if (( ${#BASE_ARGS[@]} )); then
@@ -82,6 +88,6 @@ part "trainer_overhead data" 60 bash -c "'$PY' -m data_tools.mini_taskonomy --ou
     '$PY' -m data_tools.make_shards --root '$DATA/raw' --out '$DATA/shards' --split train --no-progress \
         --split-csv '$DATA/raw/splits/train_val_test_mini.csv' --workers $SHARD_WORKERS"
 part "trainer_overhead" 120 "$PY" benchmarks/trainer_overhead.py --set "data.shards_dir=$DATA/shards" "${TRAINER_ARGS[@]}"
-# -v: a line per test as it ends, so a run cut by the deadline still says what passed
-part "tests/gpu" 400 "$PY" -m pytest -v -rfEs -p no:cacheprovider tests/gpu
+part "tests/gpu: the rest" 240 "$PY" -m pytest -v -rfEs -p no:cacheprovider tests/gpu \
+    "${FIRST_TESTS[@]/#/--deselect=}"
 log "gpu_check done in $(( $(date +%s) - START ))s"

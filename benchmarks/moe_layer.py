@@ -1,7 +1,9 @@
 """One MoE layer, forward + backward, against its dense peer of equal active FLOPs, side by side.
 
-MLP: ``MoEMlp`` (each expert kernel of moe/kernels.py), ``ExpertParallelMoEMlp`` at ep_size 1 (its
-local experts batched over the (E, C, D) buffer), DeepSpeed's stock dropless ``MoE`` (the same peer
+MLP: ``MoEMlp`` (each expert kernel of moe/kernels.py), ``ExpertParallelMoEMlp`` at ep_size 1 (the
+trainer's layer: the local dropless dispatch, the ``auto`` kernel) and through DeepSpeed's ``MOELayer``
+(the path of ep_size > 1 without the all-to-all: its local experts batched over the (E, C, D)
+buffer), DeepSpeed's stock dropless ``MoE`` (the same peer
 as benchmarks/ep_throughput.py, built by its recipe), and the dense timm ``Mlp`` with hidden
 ``k * expert_hidden`` (the same active FLOPs per token). Attention: ``MoEAttention`` (MoA) against
 timm's dense multi-head ``Attention`` with ``k`` heads of the expert width (the same query/output
@@ -85,6 +87,9 @@ def _mlp_variants(d, e, k, h, x, task_ids, with_deepspeed: bool):
         from modsquad_ds.moe.ds_adapter import ExpertParallelMoEMlp
 
         out["ExpertParallelMoEMlp ep1"] = _fb_moe(ExpertParallelMoEMlp(d, h, e, k, num_tasks=x.shape[0]), x, task_ids)
+        via_moelayer = ExpertParallelMoEMlp(d, h, e, k, num_tasks=x.shape[0])
+        via_moelayer.local_dispatch = False  # the path of ep_size > 1, without the all-to-all
+        out["ExpertParallelMoEMlp MOELayer"] = _fb_moe(via_moelayer, x, task_ids)
         out["DeepSpeed MoE dropless"] = _fb_stock(
             MoE(d, Mlp(d, h, act_layer=nn.GELU), num_experts=e, k=k, drop_tokens=False, use_rts=False,
                 top2_2nd_expert_sampling=False), x)

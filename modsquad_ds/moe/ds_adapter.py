@@ -10,8 +10,14 @@ blocks). It keeps :class:`~modsquad_ds.moe.layer.MoEMlp`'s calling convention,
 ``(x_TBND, task_ids_T) -> (y_TBND, RoutingStats)``, so the model code does not change:
 :func:`convert_to_expert_parallel` swaps the layers of a built model from outside.
 
+At ep_size 1 there is nothing to exchange, and the layer does not enter DeepSpeed's ``MOELayer``: it
+runs ``MoEMlp``'s dropless dispatch (moe/layer.dropless_moe) over the same expert modules, so no
+capacity is read back to the host, no ``(E, C, D)`` buffer is padded to the busiest expert, and on
+sm90+ GPUs in bf16 the experts are one ``grouped_mm``. Parameters, groups and checkpoint files are
+DeepSpeed's either way (``local_dispatch = False`` takes DeepSpeed's path; its tests do).
+
 What is ours inside DeepSpeed's ``MOELayer`` (gate -> sparse encode -> all-to-all -> experts ->
-all-to-all -> sparse decode):
+all-to-all -> sparse decode), at ep_size > 1:
 
 - the gate, :class:`TaskGate`, wraps our per-task :class:`~modsquad_ds.moe.router.TaskRouter` (the same
   module, same math, same noise draw as ``MoEMlp``) and answers the 0.19.4+ gate contract
@@ -51,8 +57,10 @@ from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_gr
 from deepspeed.utils import groups
 from timm.layers import Mlp
 
+from modsquad_ds.moe import kernels
 from modsquad_ds.moe.dispatch import sort_by_expert
-from modsquad_ds.moe.layer import MoEMlp
+from modsquad_ds.moe.experts import run_mlp_experts
+from modsquad_ds.moe.layer import MoEMlp, dropless_moe
 from modsquad_ds.moe.router import RoutingResult, TaskRouter
 from modsquad_ds.moe.stats import RoutingStats, routing_stats
 
@@ -126,7 +134,7 @@ def _locations(ids_SK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, to
     return locations.view_as(ids_SK), counts
 
 
-class BatchedExperts(Experts):
+class BatchedExperts(kernels.KernelChoice, Experts):
     """DeepSpeed's ``Experts`` (same ``deepspeed_experts.{i}`` modules, names and group attributes),
     run as two batched matmuls over the local experts instead of a Python loop.
 
@@ -134,7 +142,8 @@ class BatchedExperts(Experts):
     local expert sees the same number of rows: ``baddbmm`` over ``E_local`` does them all at once.
     Padded rows are zeros whose outputs are never read, so they add nothing to any gradient, exactly
     as in the loop. The loop (DeepSpeed's ``forward``) remains for experts that are not a plain
-    two-layer timm ``Mlp`` (``batched = False`` forces it).
+    two-layer timm ``Mlp`` (``batched = False`` forces it). ``kernel`` is the expert kernel of the
+    layer's local path at ep_size 1 (:meth:`ExpertParallelMoEMlp.forward`).
     """
 
     def __init__(self, expert: nn.Module, num_local_experts: int = 1, expert_group_name: Optional[str] = None):
@@ -181,6 +190,9 @@ class ExpertParallelMoEMlp(MoE):
         self.deepspeed_moe.gate = TaskGate(router or TaskRouter(dim, num_experts, top_k, num_tasks, noisy,
                                                                  noise_epsilon))
         self.name = "mlp"  # set by convert_to_expert_parallel to the module path
+        self.local_dispatch = True
+        """At ep_size 1, route with MoEMlp's dropless dispatch instead of DeepSpeed's MOELayer (same
+        results, same modules and checkpoint files); False runs DeepSpeed's path (its tests)."""
 
     @property
     def router(self) -> TaskRouter:
@@ -201,6 +213,12 @@ class ExpertParallelMoEMlp(MoE):
         return list(range(first, first + self.num_local_experts))
 
     def forward(self, x_TBND: torch.Tensor, task_ids_T: torch.Tensor) -> tuple[torch.Tensor, RoutingStats]:
+        if self.ep_size == 1 and self.local_dispatch:
+            # Nothing to exchange: MoEMlp's dropless dispatch over the same expert modules (no
+            # capacity, so no host sync for it and no padded (E, C, D) buffer; grouped_mm on sm90+).
+            kernel = self.deepspeed_moe.experts.kernel
+            return dropless_moe(self.router, lambda x_SD, p: run_mlp_experts(self.local_experts, x_SD, p, kernel),
+                                self.num_local_experts, x_TBND, task_ids_T, self.name, self.kind)
         y_TBND, _, _ = super().forward(x_TBND, task_ids_T)
         r, self.deepspeed_moe.gate.routing = self.deepspeed_moe.gate.routing, None
         stats = routing_stats(self.name, self.kind, r.probs_TSE, r.topk_ids_TSK, task_ids_T.to(r.probs_TSE.device),

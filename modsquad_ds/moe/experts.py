@@ -101,28 +101,29 @@ def expert_linear(x_SI: torch.Tensor, p: DispatchPlan, weights_IO: Sequence[torc
     return _LoopLinear.apply(x_SI, p.counts, True, *weights_IO, *biases_O)
 
 
-class MLPExperts(nn.Module):
+def run_mlp_experts(experts: Sequence[Mlp], x_SD: torch.Tensor, p: DispatchPlan, kernel: str = "auto") -> torch.Tensor:
+    """Expert e's timm ``Mlp`` on its rows of the expert-sorted ``x_SD``, all experts at once."""
+    first = experts[0]  # the activation, dropout and (identity) norm are the same in every expert
+    h = expert_linear(x_SD, p, [m.fc1.weight.t() for m in experts], _biases(experts, "fc1"), kernel)
+    h = first.norm(first.drop1(first.act(h)))
+    return first.drop2(expert_linear(h, p, [m.fc2.weight.t() for m in experts], _biases(experts, "fc2"), kernel))
+
+
+class MLPExperts(kernels.KernelChoice, nn.Module):
     def __init__(self, dim: int, hidden: int, num_experts: int, act_layer=nn.GELU):
         super().__init__()
         self.experts = nn.ModuleList(Mlp(dim, hidden, act_layer=act_layer) for _ in range(num_experts))
-        self.kernel = "auto"
-        """``auto``, ``loop`` or ``grouped`` (moe/kernels.py)."""
 
     def forward(self, x_SD: torch.Tensor, p: DispatchPlan) -> torch.Tensor:
-        first = self.experts[0]  # the activation, dropout and (identity) norm are the same in every expert
-        h = expert_linear(x_SD, p, [m.fc1.weight.t() for m in self.experts], _biases(self.experts, "fc1"),
-                          self.kernel)
-        h = first.norm(first.drop1(first.act(h)))
-        return first.drop2(expert_linear(h, p, [m.fc2.weight.t() for m in self.experts],
-                                         _biases(self.experts, "fc2"), self.kernel))
+        return run_mlp_experts(self.experts, x_SD, p, self.kernel)
 
 
-def _biases(experts: nn.ModuleList, name: str) -> list[torch.Tensor] | None:
+def _biases(experts: Sequence[Mlp], name: str) -> list[torch.Tensor] | None:
     biases = [getattr(m, name).bias for m in experts]
     return None if biases[0] is None else biases
 
 
-class AttentionProjections(nn.Module):
+class AttentionProjections(kernels.KernelChoice, nn.Module):
     """Per-expert query (D -> h) and output (h -> D) projections, no bias (reference code)."""
 
     def __init__(self, dim: int, head_dim: int, num_experts: int):
@@ -131,8 +132,6 @@ class AttentionProjections(nn.Module):
         self.o_weight = nn.Parameter(torch.empty(num_experts, head_dim, dim))
         trunc_normal_(self.q_weight, std=0.02)
         trunc_normal_(self.o_weight, std=0.02)
-        self.kernel = "auto"
-        """``auto``, ``loop`` or ``grouped`` (moe/kernels.py)."""
 
     def query(self, x_SD: torch.Tensor, p: DispatchPlan) -> torch.Tensor:
         return expert_linear(x_SD, p, self.q_weight.unbind(0), None, self.kernel)

@@ -63,15 +63,21 @@ def resolve(kernel: str, like: torch.Tensor) -> str:
     return kernel
 
 
+class KernelChoice:
+    """Mixin of the expert containers whose kernel :func:`set_kernel` chooses (``MLPExperts``,
+    ``AttentionProjections``, the expert-parallel layer's ``BatchedExperts``)."""
+
+    kernel: str = "auto"
+    """``auto``, ``loop`` or ``grouped``."""
+
+
 def set_kernel(model: nn.Module, kernel: str) -> int:
     """Set ``kernel`` on every expert container of ``model``; returns how many were set."""
     if kernel not in KERNELS:
         raise ValueError(f"MoE kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    from modsquad_ds.moe.experts import AttentionProjections, MLPExperts
-
     n = 0
     for m in model.modules():
-        if isinstance(m, (MLPExperts, AttentionProjections)):
+        if isinstance(m, KernelChoice):
             m.kernel = kernel
             n += 1
     return n

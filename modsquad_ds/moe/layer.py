@@ -7,6 +7,8 @@ Input rows are grouped by task: ``x_TBND`` holds T task slots of B images of N t
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 
@@ -14,6 +16,23 @@ from modsquad_ds.moe import dispatch as dsp
 from modsquad_ds.moe.experts import MLPExperts
 from modsquad_ds.moe.router import TaskRouter
 from modsquad_ds.moe.stats import RoutingStats, routing_stats
+
+RunExperts = Callable[[torch.Tensor, dsp.DispatchPlan], torch.Tensor]
+"""``(x_SD expert-sorted rows, plan) -> y_SD``: the experts of a layer on their rows."""
+
+
+def dropless_moe(router: TaskRouter, run_experts: RunExperts, num_experts: int, x_TBND: torch.Tensor,
+                 task_ids_T: torch.Tensor, name: str, kind: str) -> tuple[torch.Tensor, RoutingStats]:
+    """Route each task slot's tokens by its task's router, run the ``num_experts`` experts on every
+    chosen (token, expert) pair, nothing dropped or padded, and combine by gate. (A pruned layer's
+    router scores more experts than the layer runs: the count is the layer's, not the router's.)"""
+    t, b, n, d = x_TBND.shape
+    x_TSD = x_TBND.reshape(t, b * n, d)
+    r = router(x_TSD, task_ids_T)
+    p = dsp.plan(r.topk_ids_TSK.reshape(t * b * n, -1), r.gates_TSK.reshape(t * b * n, -1), num_experts)
+    y_SD = run_experts(dsp.dispatch(x_TSD.reshape(-1, d), p), p)
+    y = dsp.combine(y_SD, p).view(t, b, n, d)
+    return y, routing_stats(name, kind, r.probs_TSE, r.topk_ids_TSK, task_ids_T, router.num_tasks)
 
 
 class MoEMlp(nn.Module):
@@ -28,11 +47,4 @@ class MoEMlp(nn.Module):
         self.name = "mlp"  # replaced by the model with the module path
 
     def forward(self, x_TBND: torch.Tensor, task_ids_T: torch.Tensor) -> tuple[torch.Tensor, RoutingStats]:
-        t, b, n, d = x_TBND.shape
-        x_TSD = x_TBND.reshape(t, b * n, d)
-        r = self.router(x_TSD, task_ids_T)
-        p = dsp.plan(r.topk_ids_TSK.reshape(t * b * n, -1), r.gates_TSK.reshape(t * b * n, -1), self.num_experts)
-        y_SD = self.experts(dsp.dispatch(x_TSD.reshape(-1, d), p), p)
-        y = dsp.combine(y_SD, p).view(t, b, n, d)
-        stats = routing_stats(self.name, self.kind, r.probs_TSE, r.topk_ids_TSK, task_ids_T, self.router.num_tasks)
-        return y, stats
+        return dropless_moe(self.router, self.experts, self.num_experts, x_TBND, task_ids_T, self.name, self.kind)

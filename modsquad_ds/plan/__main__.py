@@ -44,10 +44,10 @@ def plan_rows(cfg, params: ParamCounts, *, gpus: int, gpu_mem_gib: float, global
     if global_batch % gpus:
         raise SystemExit(f"error: --global-batch ({global_batch}) must be a multiple of --gpus ({gpus})")
     per_gpu = global_batch // gpus
-    act = activation_bytes_per_image(cfg, dtype, capacity_factor)
     budget = (gpu_mem_gib - reserve_gib) * GIB
     rows = []
     for ep in ep_sizes:
+        act = activation_bytes_per_image(cfg, dtype, capacity_factor, ep)
         st = state_bytes(params, world=gpus, ep_size=ep, zero=zero, dtype=dtype)
 
         def acts(m: int, ep=ep) -> float:
@@ -177,6 +177,17 @@ def main(argv=None) -> int:
     return 0 if best is not None else 1
 
 
+def _kernel_here(dtype: str) -> str:
+    """The expert kernel ``auto`` picks on this machine for ``dtype`` (moe/kernels.py)."""
+    import torch
+
+    from modsquad_ds.moe.kernels import resolve
+
+    like = torch.empty(1, 64, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
+                       device="cuda" if torch.cuda.is_available() else "cpu")
+    return resolve("auto", like)
+
+
 def _calibrate(cfg, args) -> None:
     from modsquad_ds.distributed.bootstrap import init_distributed
     from modsquad_ds.plan.measure import measure_step
@@ -185,7 +196,7 @@ def _calibrate(cfg, args) -> None:
     params = count_params(cfg)
     st = state_bytes(params, world=1, ep_size=1, zero=args.zero, dtype=args.dtype)
     b = args.calibrate_batch
-    act = activation_bytes(cfg, b, args.dtype)
+    act = activation_bytes(cfg, b, args.dtype, kernel=_kernel_here(args.dtype))
     m = measure_step(cfg, b, args.zero, args.dtype)
     predicted = peak_bytes(st, act)
     print(f"calibration (1 process, micro batch {b}, ZeRO {args.zero}, {args.dtype}): "

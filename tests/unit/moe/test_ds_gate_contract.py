@@ -104,7 +104,10 @@ def test_converted_layer_is_a_deepspeed_moe_with_safe_names():
     assert isinstance(layer.deepspeed_moe.experts, ep.BatchedExperts) and layer.deepspeed_moe.experts.batched
 
 
-def test_model_conversion_round_trip_is_exact():
+@pytest.mark.parametrize("local_dispatch", [True, False], ids=["local_dispatch", "deepspeed_moelayer"])
+def test_model_conversion_round_trip_is_exact(local_dispatch):
+    """At ep_size 1 the converted layers run MoEMlp's dropless dispatch (the trainer's path) or
+    DeepSpeed's MOELayer with TaskGate; either equals the model before conversion."""
     from modsquad_ds.config import load_config
     from modsquad_ds.model.factory import build_model
 
@@ -113,6 +116,8 @@ def test_model_conversion_round_trip_is_exact():
     ref = build_model(cfg)
     model = ep.convert_to_expert_parallel(copy.deepcopy(ref), ep_size=1)
     layers = ep.expert_parallel_layers(model)
+    for _, layer in layers:
+        layer.local_dispatch = local_dispatch
     assert [n for n, _ in layers] == ["blocks.1.mlp", "blocks.3.mlp"]
     assert [m.name for _, m in layers] == ["blocks.1.mlp", "blocks.3.mlp"]
     # state dicts map onto each other key by key

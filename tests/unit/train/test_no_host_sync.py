@@ -18,6 +18,7 @@ from modsquad_ds.data.synthetic import synthetic_batch
 from modsquad_ds.eval.usage import RouteRecorder
 from modsquad_ds.model import build_model
 from modsquad_ds.model.objective import MultiTaskObjective
+from modsquad_ds.moe.ds_adapter import convert_to_expert_parallel
 from modsquad_ds.moe.kernels import has_grouped_mm, set_kernel
 from modsquad_ds.train.module import TrainModule
 from modsquad_ds.train.usage import UsageAccumulator
@@ -25,9 +26,14 @@ from modsquad_ds.train.usage import UsageAccumulator
 pytestmark = pytest.mark.skipif(not has_grouped_mm(), reason="needs torch.nn.functional.grouped_mm")
 
 
-def _meta_module(kernel: str, overrides=()):
+def _meta_module(kernel: str, overrides=(), as_trained: bool = True):
+    """The tiny model on meta in bf16; ``as_trained``: its MoE MLP layers converted to DeepSpeed's MoE
+    at ep_size 1 as the trainer does (moe/ds_adapter.py; they run the local dropless dispatch)."""
     cfg = load_config(preset="tiny", overrides=list(overrides))
-    module = TrainModule(build_model(cfg), MultiTaskObjective(cfg), lambda t: t)
+    model = build_model(cfg)
+    if as_trained:
+        convert_to_expert_parallel(model, ep_size=1)
+    module = TrainModule(model, MultiTaskObjective(cfg), lambda t: t)
     assert set_kernel(module, kernel) > 0
     return cfg, module.to("meta", torch.bfloat16)
 
@@ -36,9 +42,10 @@ def _batch(cfg):
     return synthetic_batch(cfg.tasks.names, 2, cfg.model.img_size, torch.Generator().manual_seed(0))
 
 
+@pytest.mark.parametrize("as_trained", [True, False], ids=["trainer_model", "single_process_model"])
 @pytest.mark.parametrize("overrides", [[], ["model.grad_checkpointing=true"]], ids=["plain", "grad_checkpointing"])
-def test_the_training_step_reads_nothing_back_from_the_device(overrides):
-    cfg, module = _meta_module("grouped", overrides)
+def test_the_training_step_reads_nothing_back_from_the_device(overrides, as_trained):
+    cfg, module = _meta_module("grouped", overrides, as_trained)
     module.train()
     loss, stats, routing = module(_batch(cfg))  # forward, per-task losses, MI loss, statistics
     loss.backward()

@@ -9,7 +9,8 @@
 # 3. the benchmarks: benchmarks/moe_layer.py (small, base), benchmarks/train_step.py (small with
 #    32 images, base with 16) and benchmarks/trainer_overhead.py (the real trainer against the plain
 #    step, on a 224 px mini-Taskonomy made on the spot), each ratio measured side by side in one run;
-# 4. tests/gpu, the rest: evaluation, export and the planner on CUDA.
+# 4. tests/gpu, the rest: evaluation, export and the planner on CUDA;
+# 5. benchmarks/train_step.py --compile on the small preset, with what is left of the budget.
 # Each part has its own deadline inside the budget (default 450 s, under the 8 minutes).
 # Everything goes into one file, $OUT/gpu_check.txt (OUT defaults to runs/gpu_check). Parts that
 # fail or run out of time are recorded and the script goes on. Without CUDA the GPU tests skip and
@@ -90,4 +91,8 @@ part "trainer_overhead data" 60 bash -c "'$PY' -m data_tools.mini_taskonomy --ou
 part "trainer_overhead" 120 "$PY" benchmarks/trainer_overhead.py --set "data.shards_dir=$DATA/shards" "${TRAINER_ARGS[@]}"
 part "tests/gpu: the rest" 240 "$PY" -m pytest -v -rfEs -p no:cacheprovider tests/gpu \
     "${FIRST_TESTS[@]/#/--deselect=}"
+# last, whatever time is left: does torch.compile per block (model.compile) pay on this GPU?
+if (( ${#BASE_ARGS[@]} )); then
+    part "train_step small, compiled" 150 "$PY" benchmarks/train_step.py "${SMALL_ARGS[@]}" --no-loop --compile
+fi
 log "gpu_check done in $(( $(date +%s) - START ))s"

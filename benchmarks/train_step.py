@@ -2,7 +2,8 @@
 the same width and depth (the paper's MTL baseline), side by side in one run.
 
 Variants: ``dense`` (build_dense_peer), ``modsquad`` (task-batched: all tasks in one pass),
-``modsquad+ckpt`` (model.grad_checkpointing), and ``loop`` (one forward per task, the reference
+``modsquad+ckpt`` (model.grad_checkpointing), ``modsquad+compile`` (model.compile, with
+``--compile``), and ``loop`` (one forward per task, the reference
 code's way; benchmarks/task_batched.py has its details). Plain PyTorch, no engine: the model's cost
 alone. On CUDA: bf16 autocast and fused AdamW, peak memory from the allocator. On CPU: fp32 and,
 as the memory figure, the bytes autograd keeps for backward (saved tensors), measured on one step.
@@ -82,7 +83,7 @@ def _peak_bytes(variant, batch) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def run_preset(preset, batch_size, repeats, device, with_loop=True):
+def run_preset(preset, batch_size, repeats, device, with_loop=True, with_compile=False):
     cfg = load_config(preset=preset)
     batch = to_device(synthetic_batch(cfg.tasks.names, batch_size, cfg.model.img_size,
                                       torch.Generator().manual_seed(0)), device)
@@ -94,6 +95,10 @@ def run_preset(preset, batch_size, repeats, device, with_loop=True):
     variants.append(Variant("modsquad+ckpt", ckpt_model, MultiTaskObjective(cfg), _step_batched, device))
     if with_loop:
         variants.append(Variant("loop", build_model(cfg), MultiTaskObjective(cfg), step_loop, device))
+    if with_compile:  # model.compile: torch.compile per block; the warm-up step below compiles
+        compiled = build_model(cfg)
+        compiled.compile_blocks()
+        variants.append(Variant("modsquad+compile", compiled, MultiTaskObjective(cfg), _step_batched, device))
     memory = {}
     for v in variants:  # warm-up, and the memory figure
         v(batch)
@@ -118,6 +123,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 3 CPU, 10 CUDA)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-loop", action="store_true", help="leave out the loop over tasks (slow)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add Mod-Squad with model.compile (torch.compile per block; compiling takes tens of seconds)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -131,11 +138,11 @@ def main(argv=None) -> None:
           f"median of {repeats}")
     results = {}
     for preset in presets:
-        res = run_preset(preset, batch, repeats, device, with_loop=not args.no_loop)
+        res = run_preset(preset, batch, repeats, device, with_loop=not args.no_loop, with_compile=args.compile)
         results[preset] = res
-        print(f"\n== {preset} ==\n{'variant':<15}{'ms':>10}{'vs dense':>10}{'MiB ' + mem:>28}{'vs dense':>10}")
+        print(f"\n== {preset} ==\n{'variant':<17}{'ms':>10}{'vs dense':>10}{'MiB ' + mem:>28}{'vs dense':>10}")
         for name, r in res.items():
-            print(f"{name:<15}{r['ms']:>10.1f}{r['dense_ms/ms']:>9.2f}x{r['memory_bytes'] / 2**20:>28.0f}"
+            print(f"{name:<17}{r['ms']:>10.1f}{r['dense_ms/ms']:>9.2f}x{r['memory_bytes'] / 2**20:>28.0f}"
                   f"{r['memory_vs_dense']:>9.2f}x", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": where, "batch": batch, "presets": results}, indent=1))

@@ -57,6 +57,12 @@ class ModelConfig:
     ``set_grad_checkpointing``). Every block holds all task slots, so activations grow with the
     number of tasks; this trades about one extra forward for most of that memory
     (docs/benchmarks.md). Losses and gradients are unchanged."""
+    compile: bool = False
+    """Training: ``torch.compile`` every transformer block in place (torchtitan compiles per block),
+    so parameter names, DeepSpeed's view and the checkpoints are unchanged. The first step compiles
+    (tens of seconds); the gain is fewer kernel launches on GPUs, where the step is launch-bound at
+    the small preset (issue 7; ``benchmarks/train_step.py --compile`` measures it). Needs
+    train.ep_size 1 (DeepSpeed's all-to-all is not traced). Random draws differ from eager mode's."""
 
     def __post_init__(self):
         _require(self.class_head in ("cls_token", "mean_patch"), "class_head",
@@ -198,6 +204,8 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self):
+        _require(not (self.model.compile and self.train.ep_size > 1), "model.compile",
+                 f"needs train.ep_size 1, got {self.train.ep_size} (DeepSpeed's all-to-all is not traced)")
         _require(self.moe.first_block <= self.model.depth, "moe.first_block",
                  f"({self.moe.first_block}) must be <= model.depth ({self.model.depth})")
         for name in self.loss.task_weights:

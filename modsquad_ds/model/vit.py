@@ -97,6 +97,12 @@ class ModSquadViT(nn.Module):
         """timm's switch: recompute every block in backward (``model.grad_checkpointing``)."""
         self.grad_checkpointing = enable
 
+    def compile_blocks(self) -> None:
+        """``torch.compile`` each block in place (``model.compile``): the module tree, parameter names
+        and state dict stay as they are, unlike wrapping the model (``_orig_mod.`` prefixes)."""
+        for block in self.blocks:
+            block.compile()
+
     def _run_block(self, block: Block, x_TBND: torch.Tensor, task_ids_T: Optional[torch.Tensor]):
         if self.grad_checkpointing and torch.is_grad_enabled():
             # Non-reentrant checkpoint: restores the RNG state (router noise, drop path) for the

@@ -15,7 +15,6 @@ for a whole model with :func:`set_kernel`, or for the process with ``MODSQUAD_MO
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -30,10 +29,20 @@ def has_grouped_mm() -> bool:
     return hasattr(F, "grouped_mm")
 
 
-@functools.lru_cache(maxsize=None)
+_PROBED: dict[tuple, bool] = {}
+
+
+@torch.compiler.assume_constant_result  # under torch.compile (model.compile): run eagerly, a constant
 def grouped_supported(device_type: str, device_index: int | None, dtype: torch.dtype) -> bool:
     """True where ``grouped_mm`` is the fused kernel: CUDA sm90+ in bfloat16 (torch's documented
     requirement is bf16 on SM >= 80; the fused CUTLASS path needs sm90). Probed once per device."""
+    key = (device_type, device_index, dtype)
+    if key not in _PROBED:
+        _PROBED[key] = _probe_grouped(device_type, device_index, dtype)
+    return _PROBED[key]
+
+
+def _probe_grouped(device_type: str, device_index: int | None, dtype: torch.dtype) -> bool:
     if not has_grouped_mm() or device_type != "cuda" or dtype != torch.bfloat16:
         return False
     if torch.cuda.get_device_capability(device_index) < (9, 0):

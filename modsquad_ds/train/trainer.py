@@ -82,6 +82,8 @@ def build_engine(cfg: RunConfig, ds_config: dict):
     else:
         model = build_model(cfg)
     convert_to_expert_parallel(model, cfg.train.ep_size)
+    if cfg.model.compile:
+        model.compile_blocks()
     module = TrainModule(model, MultiTaskObjective(cfg), all_reduce_sum_autograd)
     if cfg.finetune.enabled:
         module.freeze_report = freeze(module, cfg.finetune.mode)  # before the optimizer sees the params

@@ -69,18 +69,6 @@ def resolve(run_dir: Path, files, overrides, world_size: int):
     return cfg, ds_config_for_run(cfg), note
 
 
-def check_split(cfg, split: str) -> None:
-    from modsquad_ds.data.shard_index import index_path
-
-    if cfg.data.source == "shards":
-        idx = index_path(cfg.data.source_path(), split)
-        if not idx.is_file():
-            raise ConfigError("--split", f"no {idx.name} in {cfg.data.shards_dir} (write it with "
-                              f"python -m data_tools.make_shards --split {split} ...)")
-    elif not os.path.isdir(cfg.data.source_path()):
-        raise ConfigError("data.raw_root", f"folder not found: {cfg.data.source_path()}")
-
-
 def evaluate_checkpoint(cfg, ds_config: dict, folder: Path, split: str, rank: int, world_size: int,
                         max_samples: Optional[int] = None, progress: bool = True):
     """Build the run's engine, load ``folder``'s weights and evaluate (a collective)."""
@@ -103,6 +91,7 @@ def main(argv=None) -> int:
     from modsquad_ds.distributed.bootstrap import plan_launch
     from modsquad_ds.eval.checkpoints import check_files, expected_expert_files, step_of
     from modsquad_ds.train.checkpoint import CheckpointError, find_checkpoint
+    from modsquad_ds.train.preflight import check_split
 
     run_dir = Path(args.run)
     try:
@@ -110,7 +99,7 @@ def main(argv=None) -> int:
             raise ConfigError("--run", f"folder not found: {run_dir}")
         world = launch_env.resolve().world_size
         cfg, ds_config, note = resolve(run_dir, args.config, args.overrides, world)
-        check_split(cfg, args.split)
+        check_split(cfg, args.split, "--split")
         launch, _dims = plan_launch(cfg, ds_config)
         folder = find_checkpoint(run_dir, args.checkpoint)
         check_files(folder, expected_expert_files(cfg))

@@ -65,14 +65,18 @@ def check_shards(cfg, world_size: int) -> None:
         raise ConfigError("data.batch_size", f"{err} (split {d.train_split!r} of {path.parent})") from None
 
 
-def check_validation_split(cfg) -> None:
-    """``train.eval_every`` validates on ``data.val_split``: its index must exist."""
+def check_split(cfg, split: str, key: str) -> None:
+    """The data of ``split`` exists (its shard index, or the raw release folder); ``key`` is the
+    setting or flag that asked for the split, named in the error."""
     from modsquad_ds.data.shard_index import index_path
 
-    d = cfg.data
-    if not index_path(d.source_path(), d.val_split).is_file():
-        raise ConfigError("train.eval_every", f"validation needs {d.val_split}.index.json in {d.source_path()} "
-                          f"(python -m data_tools.make_shards --split {d.val_split})")
+    source = cfg.data.source_path()
+    if cfg.data.source == "shards":
+        if not index_path(source, split).is_file():
+            raise ConfigError(key, f"no {split}.index.json in {source} (write it with "
+                              f"python -m data_tools.make_shards --split {split} ...)")
+    elif not os.path.isdir(source):
+        raise ConfigError("data.raw_root", f"folder not found: {source}")
 
 
 def check_out_dir(out_dir: str) -> None:
@@ -92,8 +96,8 @@ def check_run(cfg, world_size: int) -> None:
     source = cfg.data.source_path()
     if cfg.data.source == "shards":
         check_shards(cfg, world_size)
-        if cfg.train.eval_every:
-            check_validation_split(cfg)
+        if cfg.train.eval_every:  # validation on data.val_split
+            check_split(cfg, cfg.data.val_split, "train.eval_every")
     elif not os.path.isdir(source):
         raise ConfigError("data.raw_root", f"folder not found: {source}")
     check_out_dir(cfg.train.out_dir)

@@ -71,8 +71,8 @@ def test_two_ranks_expert_parallel_equal_one_process(trained):
     assert {"eval_test/usage", "eval_test/similarity"} <= set(tags["images"])
 
 
-def _error_line(run_dir: Path) -> str:
-    res = run([python(), "-m", "modsquad_ds.evaluate", "--run", str(run_dir), "--split", "test"], timeout_s=120)
+def _error_line(run_dir: Path, split: str = "test") -> str:
+    res = run([python(), "-m", "modsquad_ds.evaluate", "--run", str(run_dir), "--split", split], timeout_s=120)
     assert res.returncode == 2, res.output[-2000:]
     errors = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in res.output, res.output[-2000:]
@@ -89,3 +89,8 @@ def test_missing_and_corrupt_checkpoint_one_line(trained, tmp_path):
     assert "is corrupt" in _error_line(broken)
     shutil.rmtree(broken / "checkpoints")
     assert "no complete checkpoint" in _error_line(broken)
+
+
+def test_split_without_shards_one_line(trained):
+    line = _error_line(trained, "val")  # the fixture wrote train and test shards only
+    assert line.startswith("error: --split:") and "no val.index.json" in line and "make_shards --split val" in line

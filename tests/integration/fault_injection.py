@@ -239,6 +239,7 @@ def scenario_preflight(report: Report, shards: Path, work: Path) -> None:
         ("split smaller than one batch per rank", ["data.batch_size=16"], "data.batch_size"),
         ("out_dir cannot be created", [f"train.out_dir={blocker}/run"], "train.out_dir"),
         ("shard in the index but missing", [f"data.shards_dir={missing}"], "data.shards_dir"),
+        ("validation without a val split", ["train.eval_every=2"], "train.eval_every"),
     ]
     for i, (case, sets, key) in enumerate(cases):
         cmd = train_cmd(shards, work / f"pre{i}", "train.ep_size=2", "train.steps=5", *sets)

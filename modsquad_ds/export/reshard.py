@@ -79,7 +79,8 @@ def _zero0_param_names(cfg, ep_rank: int) -> list[str]:
     ZeRO 0 run optimised (dense ones, then its local experts; the trainer's parameter groups)."""
     from modsquad_ds.model.objective import MultiTaskObjective
     from modsquad_ds.model.vit import ModSquadViT
-    from modsquad_ds.moe.ds_adapter import ExpertParallelMoEMlp, _replace, moe_param_groups
+    from modsquad_ds.moe.ds_adapter import ExpertParallelMoEMlp, moe_param_groups
+    from modsquad_ds.moe.ds_adapter.convert import replace_module
     from modsquad_ds.moe.layer import MoEMlp
     from modsquad_ds.train.module import TrainModule
     from modsquad_ds.train.trainer import NO_DECAY
@@ -87,7 +88,7 @@ def _zero0_param_names(cfg, ep_rank: int) -> list[str]:
     model = ModSquadViT(cfg.model, cfg.moe, cfg.tasks.names)
     for path, old in [(n, m) for n, m in model.named_modules() if isinstance(m, MoEMlp)]:
         fc1 = old.experts.experts[0].fc1
-        _replace(model, path, ExpertParallelMoEMlp(fc1.in_features, fc1.out_features, len(old.experts.experts),
+        replace_module(model, path, ExpertParallelMoEMlp(fc1.in_features, fc1.out_features, len(old.experts.experts),
                                                    old.router.top_k, old.router.num_tasks, cfg.train.ep_size,
                                                    router=old.router))
     module = TrainModule(model, MultiTaskObjective(cfg), None)

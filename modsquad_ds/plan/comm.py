@@ -4,7 +4,7 @@ DeepSpeed's ``MOELayer`` (deepspeed/moe/sharded_moe.py) packs each MoE MLP call'
 ``(E, C, D)`` buffer and exchanges it with ``_AllToAll`` (``torch.distributed.all_to_all_single``)
 twice in forward (dispatch, combine) and twice in backward (their gradients), every tensor of the
 same shape. ``C`` is the busiest expert's token count on any rank of the expert-parallel group
-(dropless; moe/ds_adapter.py), so a rank's buffer is ``E x C`` rows of ``D`` activations for its
+(dropless; moe/ds_adapter/gate.py), so a rank's buffer is ``E x C`` rows of ``D`` activations for its
 ``k x tokens`` routed copies: ``capacity_factor = E C / (k tokens)`` is 1.0 for perfectly even
 routing. Of each buffer, a rank keeps 1/ep_size and sends the rest.
 """

@@ -17,7 +17,7 @@ So a GPU holds
   ``reduce_bucket_size`` elements).
 
 Only MoE MLP experts are sharded: attention experts stay replicated (a token's heads attend over
-every token of its image, so they cannot be split by token dispatch; see moe/ds_adapter.py).
+every token of its image, so they cannot be split by token dispatch; see moe/ds_adapter/).
 
 Activations: :func:`activation_bytes_per_image` adds up the tensors autograd saves for backward,
 layer by layer, read off the code of model/vit.py, model/blocks.py, moe/attention.py,
@@ -216,7 +216,7 @@ def default_kernel(dtype: str) -> str:
 def expert_weight_copies(cfg, dtype: str = "fp32", ep_size: int = 1, kernel: str | None = None) -> float:
     """Bytes saved once per step, whatever the batch: the local experts' weights stacked into
     ``(E_local, D, h)`` tensors, which the matmuls keep for backward, in fc1 and fc2 of every MoE MLP
-    layer: by the batched expert matmuls at ep_size > 1 (moe/ds_adapter.BatchedExperts) and by the
+    layer: by the batched expert matmuls at ep_size > 1 (moe/ds_adapter/layer.BatchedExperts) and by the
     ``grouped`` kernel at ep_size 1 (the ``loop`` kernel multiplies by the weights themselves).
     (The grouped kernel stacks MoA's projections too: 2 x E x D x h more per MoE attention layer.)"""
     if ep_size == 1 and (kernel or default_kernel(dtype)) == "loop":

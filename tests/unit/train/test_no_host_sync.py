@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not has_grouped_mm(), reason="needs torch.nn.fun
 
 def _meta_module(kernel: str, overrides=(), as_trained: bool = True):
     """The tiny model on meta in bf16; ``as_trained``: its MoE MLP layers converted to DeepSpeed's MoE
-    at ep_size 1 as the trainer does (moe/ds_adapter.py; they run the local dropless dispatch)."""
+    at ep_size 1 as the trainer does (moe/ds_adapter/; they run the local dropless dispatch)."""
     cfg = load_config(preset="tiny", overrides=list(overrides))
     model = build_model(cfg)
     if as_trained:

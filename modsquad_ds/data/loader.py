@@ -4,9 +4,12 @@
     for batch in loader: ...            # len(loader) batches, the same number on every rank
     loader.batches_per_epoch            # N: save (epoch, batches_consumed) to resume
     loader.corrupt_report()             # {shard: {reason: count}} seen so far
+    loader.start()                      # optional: start the workers now (they begin prefetching)
 
 Workers are not persistent: each epoch (and each resume) builds a fresh loader, which is what
-makes the epoch plan, the shuffle seeds and the skip deterministic.
+makes the epoch plan, the shuffle seeds and the skip deterministic. Their start-up (forking, opening
+shards, filling the shuffle buffer) can be hidden behind the previous epoch's last steps by calling
+``start()`` early (the trainer does, train/epochs.py).
 """
 
 from __future__ import annotations
@@ -40,13 +43,25 @@ class EpochLoader:
         self.batches_per_epoch = batches_per_epoch
         self.start_batch = start_batch
         self.counter = CorruptCounter(max_corrupt, f" on rank {rank} this epoch")
+        self._started = None
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
 
+    @property
+    def in_flight(self) -> int:
+        """Batches the workers prepare ahead of the consumer (0 without workers)."""
+        return self.dataloader.num_workers * (self.dataloader.prefetch_factor or 0)
+
+    def start(self) -> "EpochLoader":
+        """Start the workers now; iterating later takes the batches they have prepared meanwhile."""
+        if self._started is None:
+            with stop_signals_blocked():  # workers start here: see worker_signals
+                self._started = iter(self.dataloader)
+        return self
+
     def __iter__(self):
-        with stop_signals_blocked():  # workers start here: see worker_signals
-            batches = iter(self.dataloader)
+        batches, self._started = self.start()._started, None
         for batch in batches:
             for shard, key, reason, detail in batch.pop("_corrupt", ()):
                 self.counter.add(shard, key, reason, detail)

@@ -26,6 +26,7 @@ from modsquad_ds.model.factory import build_model
 from modsquad_ds.model.objective import MultiTaskObjective
 from modsquad_ds.moe.ds_adapter import clip_grad_norm_, convert_to_expert_parallel, moe_param_groups
 from modsquad_ds.train import checkpoint
+from modsquad_ds.train.epochs import epoch_batches
 from modsquad_ds.train.logger import RunLogger
 from modsquad_ds.train.module import TrainModule
 from modsquad_ds.train.schedule import lr_lambda
@@ -229,71 +230,74 @@ class Trainer:
         micro_in_window, bad_steps = 0, 0
         window_start, window_images, data_wait = time.perf_counter(), 0, DataWait()
         cuda = torch.device(engine.device).type == "cuda"
-        while pos.step < stop_at:
-            loader = build_train_loader(cfg, self.rank, self.world_size, pos.epoch, pos.batch_in_epoch)
-            for batch in data_wait.timed(loader):
-                pos.batch_in_epoch += 1
-                self.skips.observe(loader)
-                boundary = engine.is_gradient_accumulation_boundary()
-                loss, stats, routing = engine(batch)
-                # one collective per micro step decides for all ranks: is the loss finite everywhere,
-                # and does any rank want to save (1) or save and stop (2); acted on at the boundary
-                finite, wish = step_vote(loss, 2.0 if requests.stop else 1.0 if requests.save else 0.0)
-                if not finite:
-                    bad_steps += 1
-                    logger.message(f"step {pos.step}: non-finite loss on some rank, micro step skipped "
-                                   f"({bad_steps}/{t.nonfinite_patience})")
-                    if bad_steps >= t.nonfinite_patience:
-                        raise NonFiniteLoss(f"loss was NaN/inf on some rank for {bad_steps} consecutive micro "
-                                            f"steps at step {pos.step}; stopping (lower train.lr or check the data)")
-                    continue
-                bad_steps = 0
-                engine.backward(loss)
-                if boundary and clip_norm:
-                    clip_grad_norm_(engine.module, clip_norm)
-                engine.step()
-                self.usage.add(routing)
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0) + value.detach()
-                micro_in_window += 1
-                window_images += images_per_micro
-                if not boundary:
-                    continue
-                pos.step += 1
-                result.steps_run += 1
-                if not result.seconds_to_first_step:
-                    result.seconds_to_first_step = time.perf_counter() - started
-                save, stop = wish >= 1.0, wish >= 2.0
-                last = stop or pos.step >= stop_at  # logged too, however short the run
-                scalars = None
-                if pos.step % t.log_every == 0 or last:
-                    scalars = _mean_over_ranks(sums, micro_in_window)
-                    scalars["data/skipped"] = self.skips.sync()
-                    note = self.skips.due_message(pos.step)
-                    if note:
-                        logger.message(note)
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    scalars["perf/images_per_s"] = window_images / elapsed
-                    # share of the window rank 0 spent waiting for batches: the loader falls behind
-                    # the model when it grows (data.workers, make_shards --resize; docs/benchmarks.md)
-                    scalars["perf/data_wait_pct"] = 100.0 * data_wait.take() / elapsed
-                    if cuda:
-                        scalars["perf/max_memory_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
-                    scalars["lr"] = engine.get_lr()[0]
-                    result.last_scalars, result.images_per_second = scalars, scalars["perf/images_per_s"]
-                    window_start, window_images = time.perf_counter(), 0
-                    sums, micro_in_window = {}, 0  # logged values average the whole window
-                logger.step(pos.step, scalars)
-                if t.eval_every and pos.step % t.eval_every == 0:
-                    self._validate(engine, logger)
-                if save or (t.checkpoint_every and pos.step % t.checkpoint_every == 0):
-                    requests.save = False
-                    path = self._save(engine)
-                    if save:
-                        why = "SIGTERM: saved, stopping" if stop else "SIGUSR1: saved, going on"
-                        logger.message(f"step {pos.step}: checkpoint {path} ({why})")
-                if last:
-                    result.stopped_early = pos.step < t.steps
-                    result.stopped_by_signal = stop
-                    return
-            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+        if pos.step >= stop_at:
+            return
+        batches = epoch_batches(lambda epoch, start: build_train_loader(cfg, self.rank, self.world_size, epoch, start),
+                                pos.epoch, pos.batch_in_epoch)
+        for loader, epoch, batch in data_wait.timed(batches):
+            if epoch != pos.epoch:
+                pos.epoch, pos.batch_in_epoch = epoch, 0
+            pos.batch_in_epoch += 1
+            self.skips.observe(loader)
+            boundary = engine.is_gradient_accumulation_boundary()
+            loss, stats, routing = engine(batch)
+            # one collective per micro step decides for all ranks: is the loss finite everywhere,
+            # and does any rank want to save (1) or save and stop (2); acted on at the boundary
+            finite, wish = step_vote(loss, 2.0 if requests.stop else 1.0 if requests.save else 0.0)
+            if not finite:
+                bad_steps += 1
+                logger.message(f"step {pos.step}: non-finite loss on some rank, micro step skipped "
+                               f"({bad_steps}/{t.nonfinite_patience})")
+                if bad_steps >= t.nonfinite_patience:
+                    raise NonFiniteLoss(f"loss was NaN/inf on some rank for {bad_steps} consecutive micro "
+                                        f"steps at step {pos.step}; stopping (lower train.lr or check the data)")
+                continue
+            bad_steps = 0
+            engine.backward(loss)
+            if boundary and clip_norm:
+                clip_grad_norm_(engine.module, clip_norm)
+            engine.step()
+            self.usage.add(routing)
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0) + value.detach()
+            micro_in_window += 1
+            window_images += images_per_micro
+            if not boundary:
+                continue
+            pos.step += 1
+            result.steps_run += 1
+            if not result.seconds_to_first_step:
+                result.seconds_to_first_step = time.perf_counter() - started
+            save, stop = wish >= 1.0, wish >= 2.0
+            last = stop or pos.step >= stop_at  # logged too, however short the run
+            scalars = None
+            if pos.step % t.log_every == 0 or last:
+                scalars = _mean_over_ranks(sums, micro_in_window)
+                scalars["data/skipped"] = self.skips.sync()
+                note = self.skips.due_message(pos.step)
+                if note:
+                    logger.message(note)
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                scalars["perf/images_per_s"] = window_images / elapsed
+                # share of the window rank 0 spent waiting for batches: the loader falls behind
+                # the model when it grows (data.workers, make_shards --resize; docs/benchmarks.md)
+                scalars["perf/data_wait_pct"] = 100.0 * data_wait.take() / elapsed
+                if cuda:
+                    scalars["perf/max_memory_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
+                scalars["lr"] = engine.get_lr()[0]
+                result.last_scalars, result.images_per_second = scalars, scalars["perf/images_per_s"]
+                window_start, window_images = time.perf_counter(), 0
+                sums, micro_in_window = {}, 0  # logged values average the whole window
+            logger.step(pos.step, scalars)
+            if t.eval_every and pos.step % t.eval_every == 0:
+                self._validate(engine, logger)
+            if save or (t.checkpoint_every and pos.step % t.checkpoint_every == 0):
+                requests.save = False
+                path = self._save(engine)
+                if save:
+                    why = "SIGTERM: saved, stopping" if stop else "SIGUSR1: saved, going on"
+                    logger.message(f"step {pos.step}: checkpoint {path} ({why})")
+            if last:
+                result.stopped_early = pos.step < t.steps
+                result.stopped_by_signal = stop
+                return

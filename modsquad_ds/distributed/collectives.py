@@ -66,17 +66,27 @@ def all_reduce_sum_autograd(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return _AllReduceSum.apply(tensor, group)
 
 
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def all_reduce_tensor(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """A new tensor: ``tensor`` reduced over ranks (sum, max or min; not differentiable), on
+    ``tensor``'s device. The reduction runs on the backend's device: gloo reduces CPU tensors, NCCL
+    only CUDA ones. ``tensor`` itself is left as it was."""
+    if op not in _OPS:
+        raise ValueError(f"op must be one of {', '.join(_OPS)}, got {op!r}")
+    if not is_distributed(group):
+        return tensor.clone()
+    on = tensor.to(_device(group), copy=True)
+    dist.all_reduce(on, op=_OPS[op], group=group)
+    return on.to(tensor.device)
+
+
 def all_reduce_scalar(value: float, op: str = "sum", group=None) -> float:
     """A Python float reduced over ranks (sum, max or min); for logging and stop decisions."""
     if not is_distributed(group):
         return float(value)
-    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-    if op not in ops:
-        raise ValueError(f"op must be one of {', '.join(ops)}, got {op!r}")
-    # float64 on the backend's device: gloo reduces CPU tensors, NCCL only CUDA ones.
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_device(group))
-    dist.all_reduce(t, op=ops[op], group=group)
-    return float(t.item())
+    return float(all_reduce_tensor(torch.tensor([float(value)], dtype=torch.float64), op, group)[0])
 
 
 def any_rank(flag: bool, group=None) -> bool:

@@ -2,8 +2,8 @@
 
 Works on whatever module holds the weights: a DeepSpeed engine's model (expert-parallel layers
 included: every rank runs the same number of batches) or a plain ``ModSquadViT``. Batches are moved
-to the model's device and dtype; routing sums stay on the device until the one all-reduce; metrics
-are summed in float64 on the CPU (one copy of the predictions per batch).
+to the model's device and dtype; routing sums stay on the device until the end; metrics are summed
+in float64 on the CPU (one copy of the predictions per batch); every sum goes in one all-reduce.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from modsquad_ds.distributed.collectives import is_distributed
+from modsquad_ds.distributed.collectives import all_reduce_tensor
 from modsquad_ds.eval.data import eval_loader
 from modsquad_ds.eval.metrics import MetricSums
 from modsquad_ds.eval.similarity import summarize
@@ -32,15 +31,6 @@ class EvalResult:
     samples: int
     corrupt: int
     recorder: RouteRecorder
-
-
-def _all_reduce_sum(vec: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if not is_distributed():
-        return vec
-    # NCCL reduces device tensors only; gloo takes CPU ones. float64 keeps the sums exact enough.
-    on = vec.to(device)
-    dist.all_reduce(on)
-    return on.cpu()
 
 
 @torch.no_grad()
@@ -70,9 +60,11 @@ def evaluate_model(model, cfg, split: str, rank: int = 0, world_size: int = 1,
                 sums.update(preds, batch, weight)
     finally:
         model.train(was_training)
-    reduce_device = device if device.type == "cuda" else torch.device("cpu")
-    sums.load_vector(_all_reduce_sum(sums.vector(), reduce_device))
-    recorder.load_vector(_all_reduce_sum(recorder.vector(), reduce_device))
-    corrupt = int(_all_reduce_sum(torch.tensor([float(corrupt)], dtype=torch.float64), reduce_device)[0])
+    # every sum (float64 keeps them exact enough) in one all-reduce: metrics, routing, corrupt samples
+    local = [sums.vector(), recorder.vector(), torch.tensor([float(corrupt)], dtype=torch.float64)]
+    metric_sums, routing_sums, corrupt_sum = all_reduce_tensor(torch.cat(local)).split([v.numel() for v in local])
+    sums.load_vector(metric_sums)
+    recorder.load_vector(routing_sums)
+    corrupt = int(corrupt_sum[0])
     return EvalResult(split, sums.compute(), summarize(recorder.layers) if recorder.layers else {},
                       int(round(sums.samples)), corrupt, recorder)

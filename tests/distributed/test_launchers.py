@@ -23,6 +23,7 @@ def check_two_ranks(recs: list[dict], launcher: str) -> None:
         assert r["shm_op_skipped"] is True
         assert r["any_last_rank"] is True and r["max_rank"] == 1.0 and r["ranks_on_host"] == 2
         assert r["vote_if_last_nan"] == [False, 1.0] and r["vote_clean"] == [True, 2.0]
+        assert r["tensor_sum"] == [3.0, 20.0]
         # The five variables DeepSpeed reads are all exported, so it never ran its own MPI discovery.
         assert r["env"]["RANK"] == str(r["rank"]) and r["env"]["MASTER_PORT"] == str(r["master_port"])
     assert sorted(r["local_rank"] for r in recs) == [0, 1]

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from modsquad_ds.distributed.bootstrap import init_distributed, shutdown
-from modsquad_ds.distributed.collectives import all_reduce_scalar, any_rank, step_vote
+from modsquad_ds.distributed.collectives import all_reduce_scalar, all_reduce_tensor, any_rank, step_vote
 from modsquad_ds.distributed.cpu_threads import ranks_on_this_host
 
 
@@ -43,6 +43,7 @@ def main() -> None:
                                       float(ctx.rank)),
         "vote_clean": step_vote(torch.tensor(1.0), 2.0 if ctx.rank == 0 else 0.0),
         "max_rank": all_reduce_scalar(ctx.rank, op="max"), "ranks_on_host": ranks_on_this_host(),
+        "tensor_sum": all_reduce_tensor(torch.tensor([ctx.rank + 1.0, 10.0], dtype=torch.float64)).tolist(),
         "env": {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")},
     }
     args.out.mkdir(parents=True, exist_ok=True)

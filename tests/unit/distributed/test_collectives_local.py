@@ -1,8 +1,10 @@
 """Collectives in a world of one are the identity (no process group needed), gradients included."""
 
+import pytest
 import torch
 
-from modsquad_ds.distributed.collectives import all_reduce_scalar, all_reduce_sum_autograd, any_rank, step_vote
+from modsquad_ds.distributed.collectives import (all_reduce_scalar, all_reduce_sum_autograd, all_reduce_tensor, any_rank,
+                                                  step_vote)
 from modsquad_ds.distributed.watchdog import is_comm_failure
 
 
@@ -20,6 +22,14 @@ def test_scalar_helpers_without_a_group():
     assert step_vote(torch.tensor(1.0), 2.0) == (True, 2.0)
     assert step_vote(torch.tensor(float("nan")), 0.0) == (False, 0.0)
     assert step_vote(torch.tensor(float("inf")), 1.0) == (False, 1.0)
+
+
+def test_tensor_reduction_in_a_world_of_one_is_a_copy():
+    t = torch.tensor([1.5, 2.5], dtype=torch.float64)
+    out = all_reduce_tensor(t)
+    assert torch.equal(out, t) and out.data_ptr() != t.data_ptr()
+    with pytest.raises(ValueError, match="op must be one of"):
+        all_reduce_tensor(t, op="mean")
 
 
 def test_comm_failure_classification():

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
-from modsquad_ds.distributed.collectives import is_distributed
+from modsquad_ds.distributed.collectives import all_reduce_tensor
 from modsquad_ds.moe.stats import RoutingStats
 
 
@@ -33,15 +32,16 @@ class UsageAccumulator:
             entry["tokens"] += r.tokens_T.detach()
 
     def global_tables(self) -> dict[str, dict]:
-        """Counts summed over all ranks (a collective when distributed), on the CPU."""
+        """Counts summed over all ranks (one collective when distributed), on the CPU."""
+        local = [t.cpu().reshape(-1) for e in self.layers.values() for t in (e["counts"], e["tokens"])]
+        if not local:
+            return {}
+        summed = all_reduce_tensor(torch.cat(local)).split([t.numel() for t in local])
         out = {}
-        for name, entry in self.layers.items():
-            counts, tokens = entry["counts"].clone(), entry["tokens"].clone()
-            if is_distributed():
-                dist.all_reduce(counts)
-                dist.all_reduce(tokens)
-            out[name] = {"kind": entry["kind"], "top_k": entry["top_k"], "counts": counts.cpu(),
-                         "tokens": tokens.cpu()}
+        for i, (name, entry) in enumerate(self.layers.items()):
+            out[name] = {"kind": entry["kind"], "top_k": entry["top_k"],
+                         "counts": summed[2 * i].view_as(entry["counts"]).clone(),
+                         "tokens": summed[2 * i + 1].view_as(entry["tokens"]).clone()}
         return out
 
     def state_dict(self) -> dict:

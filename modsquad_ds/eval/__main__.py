@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 from modsquad_ds.config import ConfigError, load_config
+from modsquad_ds.distributed.accelerator import pin_deepspeed_accelerator
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,9 +84,7 @@ def evaluate_checkpoint(cfg, ds_config: dict, folder: Path, split: str, rank: in
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import torch
-
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    pin_deepspeed_accelerator()
     from modsquad_ds.distributed import env as launch_env
     from modsquad_ds.distributed.bootstrap import plan_launch
     from modsquad_ds.eval.checkpoints import check_files, expected_expert_files, step_of

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from modsquad_ds.distributed.accelerator import pin_deepspeed_accelerator
 from modsquad_ds.study.runs import METHODS, ROOT, RunSpec, run_config, train_and_evaluate
 
 DEFAULT_METHODS = ["stl", "mtl", "normal_moe", "modified_moe", "modsquad"]
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
         os.environ["TQDM_DISABLE"] = "1"
     import torch
 
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    pin_deepspeed_accelerator()
     # One intra-op thread: the tiny models gain nothing from two, and on a busy machine two
     # spinning OpenMP threads made a 40-step run 3.4x slower (118 s vs 35 s, docs/evaluation.md).
     torch.set_num_threads(args.threads)

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 
 from modsquad_ds.config import ConfigError, load_config
+from modsquad_ds.distributed.accelerator import pin_deepspeed_accelerator
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,16 +69,10 @@ def validate_before_launch(cfg):
     return ds_config, launch, dims
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
+    pin_deepspeed_accelerator()
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"train.resume={str(args.resume).lower()}")

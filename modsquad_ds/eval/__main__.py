@@ -87,8 +87,8 @@ def main(argv=None) -> int:
     pin_deepspeed_accelerator()
     from modsquad_ds.distributed import env as launch_env
     from modsquad_ds.distributed.bootstrap import plan_launch
-    from modsquad_ds.eval.checkpoints import check_files, expected_expert_files, step_of
-    from modsquad_ds.train.checkpoint import CheckpointError, find_checkpoint
+    from modsquad_ds.eval.checkpoints import check_files, expected_expert_files
+    from modsquad_ds.train.checkpoint import CheckpointError, find_checkpoint, step_of
     from modsquad_ds.train.preflight import check_split
 
     run_dir = Path(args.run)

@@ -38,10 +38,6 @@ def expected_expert_files(cfg) -> int:
     return layers * cfg.moe.mlp.num_experts
 
 
-def step_of(folder: Path) -> int:
-    return int(folder.name.split("_")[-1])
-
-
 def load_weights(engine, folder: Path) -> None:
     """Module-only load of ``folder`` into ``engine`` (a collective); CheckpointError on failure."""
     try:

@@ -54,6 +54,14 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(folder: Path) -> int:
+    """The step of a checkpoint folder named by :func:`tag_for`."""
+    match = _STEP_DIR.match(Path(folder).name)
+    if match is None:
+        raise ValueError(f"{folder} is not a checkpoint folder name (step_NNNNNNNN)")
+    return int(match.group(1))
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoint folders, oldest first."""
     if not root.is_dir():
@@ -76,7 +84,7 @@ def find_checkpoint(run_dir: Path, step: Optional[int] = None) -> Path:
     if step is not None:
         folder = root / tag_for(step)
         if folder not in found:
-            have = ", ".join(str(int(p.name[5:])) for p in found) or "none"
+            have = ", ".join(str(step_of(p)) for p in found) or "none"
             raise CheckpointError(f"{root}: no complete checkpoint for step {step} (complete steps: {have})")
         return folder
     if not found:

@@ -46,6 +46,12 @@ def test_only_complete_checkpoint_folders_count(tmp_path):
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_00000001", "step_00000002"]
 
 
+def test_step_of_inverts_tag_for(tmp_path):
+    assert checkpoint.step_of(tmp_path / checkpoint.tag_for(1234)) == 1234
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        checkpoint.step_of(tmp_path / "damaged-step_00000003")
+
+
 def test_usage_frequencies_per_task_and_expert(tmp_path):
     acc = UsageAccumulator(["a", "b"])
     counts = torch.tensor([[4.0, 0.0, 4.0], [0.0, 8.0, 0.0]])

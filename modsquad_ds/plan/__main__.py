@@ -177,17 +177,6 @@ def main(argv=None) -> int:
     return 0 if best is not None else 1
 
 
-def _kernel_here(dtype: str) -> str:
-    """The expert kernel ``auto`` picks on this machine for ``dtype`` (moe/kernels.py)."""
-    import torch
-
-    from modsquad_ds.moe.kernels import resolve
-
-    like = torch.empty(1, 64, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
-                       device="cuda" if torch.cuda.is_available() else "cpu")
-    return resolve("auto", like)
-
-
 def _calibrate(cfg, args) -> None:
     from modsquad_ds.distributed.bootstrap import init_distributed
     from modsquad_ds.plan.measure import measure_step
@@ -196,7 +185,9 @@ def _calibrate(cfg, args) -> None:
     params = count_params(cfg)
     st = state_bytes(params, world=1, ep_size=1, zero=args.zero, dtype=args.dtype)
     b = args.calibrate_batch
-    act = activation_bytes(cfg, b, args.dtype, kernel=_kernel_here(args.dtype))
+    import torch
+
+    act = activation_bytes(cfg, b, args.dtype, device="cuda" if torch.cuda.is_available() else "cpu")
     m = measure_step(cfg, b, args.zero, args.dtype)
     predicted = peak_bytes(st, act)
     print(f"calibration (1 process, micro batch {b}, ZeRO {args.zero}, {args.dtype}): "

@@ -155,12 +155,15 @@ def shapes(cfg) -> Shapes:
                   mlp_e=moe.mlp.num_experts, img=m.img_size, first_block=moe.first_block, head_out=head_out)
 
 
-def activation_bytes_per_image(cfg, dtype: str = "fp32", capacity_factor: float = 1.0, ep_size: int = 1) -> float:
+def activation_bytes_per_image(cfg, dtype: str = "fp32", capacity_factor: float = 1.0, ep_size: int = 1,
+                               device: str = "cuda") -> float:
     """Bytes autograd saves for backward per image of a micro batch (all tasks of the image).
 
     ``capacity_factor``: at ep_size > 1, DeepSpeed's expert buffer holds E x C rows with C the
     busiest expert's token count; 1.0 is perfectly balanced routing (C = k S / E). At ep_size 1 the
-    MoE MLP layers run the dropless local dispatch (moe/layer.dropless_moe): exactly k S rows.
+    MoE MLP layers run the dropless local dispatch (moe/layer.dropless_moe): exactly k S rows, and
+    on ``device`` "cpu" the whole expert MLP per expert (moe/cpu_mlp.py), which keeps the GELU's
+    input but not its output.
     """
     s = shapes(cfg)
     a = DTYPE_BYTES[dtype]
@@ -196,7 +199,8 @@ def activation_bytes_per_image(cfg, dtype: str = "fp32", capacity_factor: float 
             buf = r * k * (1.0 if local else capacity_factor)
             total += _router(r, d, s.mlp_e, k, a, noisy)
             total += r * d * a                      # LayerNorm 2 output
-            total += buf * (d + 2 * h) * a          # expert fc1 input, GELU input and output
+            whole_mlp = local and device == "cpu"   # moe/cpu_mlp.py recomputes the GELU in backward
+            total += buf * (d + (1 if whole_mlp else 2) * h) * a  # expert fc1 input, GELU input (and output)
             total += r * k * d * a                  # expert outputs (saved by the combine / gate multiply)
             # gates; slot tokens and the inverse order (local), or the slots of _sparse_decode
             total += r * k * (f + (2 if local else 1) * i64)
@@ -208,19 +212,11 @@ def activation_bytes_per_image(cfg, dtype: str = "fp32", capacity_factor: float 
     return total
 
 
-def default_kernel(dtype: str) -> str:
-    """The expert kernel ``auto`` picks on the GPUs a bf16 run needs (sm90+: ``grouped``), else ``loop``."""
-    return "grouped" if dtype == "bf16" else "loop"
-
-
-def expert_weight_copies(cfg, dtype: str = "fp32", ep_size: int = 1, kernel: str | None = None) -> float:
+def expert_weight_copies(cfg, dtype: str = "fp32", ep_size: int = 1) -> float:
     """Bytes saved once per step, whatever the batch: the local experts' weights stacked into
-    ``(E_local, D, h)`` tensors, which the matmuls keep for backward, in fc1 and fc2 of every MoE MLP
-    layer: by the batched expert matmuls at ep_size > 1 (moe/ds_adapter/layer.BatchedExperts) and by the
-    ``grouped`` kernel at ep_size 1 (the ``loop`` kernel multiplies by the weights themselves).
-    (The grouped kernel stacks MoA's projections too: 2 x E x D x h more per MoE attention layer.)"""
-    if ep_size == 1 and (kernel or default_kernel(dtype)) == "loop":
-        return 0.0
+    ``(E_local, h, D)`` tensors for fc1 and fc2 of every MoE MLP layer, which the expert matmuls keep
+    for backward (moe/experts.py at ep_size 1, either kernel; moe/ds_adapter/layer.BatchedExperts
+    at ep_size > 1). MoA's projections are stored stacked: nothing is copied for them."""
     s = shapes(cfg)
     h = s.mlp_hidden // s.mlp_k if cfg.moe.mlp.expert_dim is None else cfg.moe.mlp.expert_dim
     layers = sum(1 for _attn, mlp in s.kinds if mlp)
@@ -228,11 +224,11 @@ def expert_weight_copies(cfg, dtype: str = "fp32", ep_size: int = 1, kernel: str
 
 
 def activation_bytes(cfg, micro_batch: int, dtype: str = "fp32", capacity_factor: float = 1.0,
-                     ep_size: int = 1, kernel: str | None = None) -> float:
-    """Bytes autograd saves for backward in one micro step of ``micro_batch`` images. ``kernel``: the
-    expert kernel at ep_size 1 (default :func:`default_kernel`)."""
-    return (micro_batch * activation_bytes_per_image(cfg, dtype, capacity_factor, ep_size)
-            + expert_weight_copies(cfg, dtype, ep_size, kernel))
+                     ep_size: int = 1, device: str = "cuda") -> float:
+    """Bytes autograd saves for backward in one micro step of ``micro_batch`` images on ``device``
+    ("cuda" or "cpu", see :func:`activation_bytes_per_image`)."""
+    return (micro_batch * activation_bytes_per_image(cfg, dtype, capacity_factor, ep_size, device)
+            + expert_weight_copies(cfg, dtype, ep_size))
 
 
 def _router(rows: int, dim: int, experts: int, k: int, a: int, noisy: bool) -> float:

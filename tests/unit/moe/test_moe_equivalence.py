@@ -5,8 +5,11 @@ import itertools
 
 import pytest
 import torch
+from timm.layers import Mlp
 
-from modsquad_ds.moe import MoEAttention, MoEMlp
+from modsquad_ds.moe import MoEAttention, MoEMlp, cpu_mlp
+from modsquad_ds.moe.dispatch import plan
+from modsquad_ds.moe.experts import expert_linear, run_mlp_experts
 from modsquad_ds.moe.kernels import has_grouped_mm, set_kernel
 from modsquad_ds.moe.reference import reference_moe_attention, reference_moe_mlp, reference_route
 
@@ -17,8 +20,19 @@ SETTINGS = list(itertools.product(
 ))
 
 
-# every expert kernel (moe/kernels.py) against the same reference; grouped_mm runs on CPU from torch 2.14
-KERNELS = ["loop", pytest.param("grouped", marks=pytest.mark.skipif(not has_grouped_mm(), reason="no grouped_mm"))]
+# every expert kernel (moe/kernels.py) against the same reference; grouped_mm runs on CPU from torch 2.14.
+# On the CPU "loop" runs the MLP experts whole, expert by expert (moe/cpu_mlp.py); "loop_unfused" is
+# the loop kernel as GPUs and autocast run it, one projection at a time.
+KERNELS = ["loop", "loop_unfused",
+           pytest.param("grouped", marks=pytest.mark.skipif(not has_grouped_mm(), reason="no grouped_mm"))]
+
+
+@pytest.fixture(autouse=True)
+def _unfused_loop(request, monkeypatch):
+    """Kernel ``loop_unfused``: the loop kernel with the CPU's whole-MLP path turned off."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("kernel") == "loop_unfused":
+        monkeypatch.setattr(cpu_mlp, "fusable", lambda expert, x: False)
 
 
 def _layer(kind, num_experts, top_k, noisy, kernel="auto"):
@@ -27,7 +41,7 @@ def _layer(kind, num_experts, top_k, noisy, kernel="auto"):
         layer, reference = MoEMlp(12, 20, num_experts, top_k, num_tasks=3, noisy=noisy), reference_moe_mlp
     else:
         layer, reference = MoEAttention(12, 8, num_experts, top_k, num_tasks=3, noisy=noisy), reference_moe_attention
-    assert set_kernel(layer, kernel) == 1
+    assert set_kernel(layer, kernel.removesuffix("_unfused")) == 1
     return layer, reference
 
 
@@ -107,7 +121,7 @@ def test_fast_layer_under_bf16_autocast_stays_near_reference(kind, kernel):
         layer, reference = MoEMlp(16, 32, 6, 2, num_tasks=3, noisy=False), reference_moe_mlp
     else:
         layer, reference = MoEAttention(16, 8, 6, 2, num_tasks=3, noisy=False), reference_moe_attention
-    set_kernel(layer, kernel)
+    set_kernel(layer, kernel.removesuffix("_unfused"))
     x = torch.randn(3, 2, 7, 16, requires_grad=True)
     task_ids = torch.tensor([0, 1, 2])
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -119,3 +133,29 @@ def test_fast_layer_under_bf16_autocast_stays_near_reference(kind, kernel):
     for fast, slow in zip(_grads(y.float(), x, list(layer.parameters()), weight),
                           _grads(y_ref, x, list(layer.parameters()), weight)):
         assert ((fast - slow).norm() / slow.norm().clamp_min(1e-12)).item() < 2e-2
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_cpu_whole_mlp_path_equals_the_projection_path_with_idle_experts(approximate):
+    """moe/cpu_mlp.py against the unfused loop on the same rows, in float64: outputs and every
+    gradient, with experts that get no rows (their gradients are zeros) and a tanh GELU."""
+    torch.manual_seed(0)
+    experts = torch.nn.ModuleList(Mlp(6, 10, act_layer=lambda: torch.nn.GELU(approximate=approximate))
+                                  for _ in range(4)).double()
+    topk = torch.tensor([[0, 2], [2, 0], [0, 2], [2, 0], [0, 2]])  # experts 1 and 3 idle
+    p = plan(topk, torch.rand(5, 2, dtype=torch.float64), 4)
+    x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    assert cpu_mlp.fusable(experts[0], x)
+    weight = torch.randn(10, 6, dtype=torch.float64)
+    params = list(experts.parameters())
+    fused = run_mlp_experts(experts, x, p, "loop")
+    grads = torch.autograd.grad((fused * weight).sum(), [x, *params])
+    h = expert_linear(x, p, torch.stack([m.fc1.weight for m in experts]), torch.stack([m.fc1.bias for m in experts]),
+                      "loop")
+    unfused = expert_linear(experts[0].act(h), p, torch.stack([m.fc2.weight for m in experts]),
+                            torch.stack([m.fc2.bias for m in experts]), "loop")
+    torch.testing.assert_close(fused, unfused)
+    for g, ref in zip(grads, torch.autograd.grad((unfused * weight).sum(), [x, *params])):
+        torch.testing.assert_close(g, ref)
+    idle = [g for i, g in enumerate(grads[1:]) if i // 4 in (1, 3)]  # 4 parameters per expert
+    assert len(idle) == 8 and all(torch.count_nonzero(g) == 0 for g in idle)

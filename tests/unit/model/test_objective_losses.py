@@ -11,7 +11,7 @@ from modsquad_ds.model.output import ModelOutput
 from modsquad_ds.model.task_losses import (cosine_loss, l1_loss, l2_loss, pixel_cross_entropy,
                                            soft_cross_entropy)
 from modsquad_ds.model.weighting import FixedWeighting, UncertaintyWeighting
-from modsquad_ds.moe.losses import mutual_information
+from modsquad_ds.moe.losses import load_balancing_loss, mutual_information
 from modsquad_ds.moe.stats import RoutingStats
 
 
@@ -74,7 +74,7 @@ def test_objective_subtracts_weighted_mi_and_uses_reduced_tables():
     table = torch.tensor([[3.0, 1.0]], requires_grad=True)
     out = ModelOutput({"edge_texture": torch.ones(1, 1, 2, 2)}, [_routing(table)])
     batch = {"targets": {"edge_texture": torch.zeros(1, 1, 2, 2)}}
-    other = torch.tensor([[1.0, 3.0]])  # what the other ranks saw
+    other = torch.tensor([1.0, 3.0])  # what the other ranks saw (the reducer gets every table flattened)
     loss, stats = objective(out, batch, reduce_table=lambda t: t + other)
     expected_mi = mutual_information(torch.tensor([[3.0, 1.0]]) + other)  # one task: MI = 0
     assert loss.item() == pytest.approx(1.0 - 0.5 * expected_mi.item())
@@ -87,6 +87,44 @@ def test_objective_subtracts_weighted_mi_and_uses_reduced_tables():
     loss, stats = MultiTaskObjective(two_tasks)(out, {"targets": {}})
     assert loss.item() == pytest.approx(-0.5 * mutual_information(table).item())
     assert stats["mi/blocks.1.mlp"].item() == pytest.approx(mutual_information(table).item())
+
+
+@pytest.mark.parametrize("aux", ["mi", "balance"])
+def test_every_layers_tables_are_reduced_in_one_call(aux):
+    """One reduction per micro step (one collective forward, one backward), not one per layer, with
+    the same losses as reducing and scoring each layer's table on its own."""
+    cfg = load_config(overrides=["tasks.names=[edge_texture, normal]", "loss.task_weighting=fixed",
+                                 f"loss.aux={aux}", "loss.w_mi=0.5", "loss.w_balance=0.5"])
+    torch.manual_seed(0)
+    shapes = [(2, 3), (2, 4), (2, 3), (2, 4), (2, 3)]  # attention and MLP layers interleaved
+    tables = [torch.rand(s, requires_grad=True) for s in shapes]
+    others = [torch.rand(s) for s in shapes]  # what the other ranks saw
+    routing = [RoutingStats(f"blocks.{i}.{'attn' if s[1] == 3 else 'mlp'}", "mlp", t, t.detach() * 2, t.sum(1).detach(), 1)
+               for i, (t, s) in enumerate(zip(tables, shapes))]
+    calls = []
+
+    def reduce_table(flat):
+        calls.append(flat.shape)
+        if aux == "mi":
+            return flat + torch.cat([o.reshape(-1) for o in others])
+        return flat + torch.cat([o.reshape(-1) for o in others] + [2 * o.reshape(-1) for o in others])
+
+    loss, stats = MultiTaskObjective(cfg)(ModelOutput({}, routing), {"targets": {}}, reduce_table)
+    assert len(calls) == 1
+    if aux == "mi":
+        per_layer = [mutual_information(t + o) for t, o in zip(tables, others)]
+        expected = -0.5 * sum(per_layer)
+    else:
+        per_layer = [load_balancing_loss(t + o, 2 * (t + o).detach()) for t, o in zip(tables, others)]
+        expected = 0.5 * sum(per_layer)
+    assert list(stats)[:len(shapes)] == [f"{aux}/{r.layer}" for r in routing]  # layer order kept
+    for r, value in zip(routing, per_layer):
+        assert stats[f"{aux}/{r.layer}"].item() == pytest.approx(value.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    grads = torch.autograd.grad(loss, tables)
+    expected_grads = torch.autograd.grad(expected, tables)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
 
 
 def test_balance_and_none_aux_modes():

@@ -73,3 +73,13 @@ def test_balance_loss_is_one_when_uniform_and_e_when_collapsed():
     counts = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
     probs = torch.tensor([[0.25, 0.25, 0.5, 0.0]])
     assert load_balancing_loss(probs, counts).item() == pytest.approx(1.0)
+
+
+def test_a_stack_of_tables_gives_each_table_its_own_loss():
+    torch.manual_seed(0)
+    tables = torch.rand(5, 3, 4)
+    tables[2, 1] = 0.0  # an absent task in one layer
+    counts = torch.rand(5, 3, 4)
+    torch.testing.assert_close(mutual_information(tables), torch.stack([mutual_information(t) for t in tables]))
+    torch.testing.assert_close(load_balancing_loss(tables, counts),
+                               torch.stack([load_balancing_loss(t, c) for t, c in zip(tables, counts)]))

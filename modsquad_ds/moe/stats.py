@@ -32,16 +32,18 @@ class RoutingStats:
 
 def routing_stats(layer: str, kind: str, probs_TSE: torch.Tensor, topk_ids_TSK: torch.Tensor,
                   task_ids_T: torch.Tensor, num_tasks: int) -> RoutingStats:
+    """The layer's tables from its routing of ``T`` task slots, summed into rows by global task id.
+
+    The three per-slot sums (probabilities, top-k gates, top-k counts) are stacked and mapped to
+    task rows by one ``index_add``: a dozen small kernels per layer, where a GPU step is bound by
+    how fast the host issues them (benchmarks/host_overhead.py).
+    """
     t, s, e = probs_TSE.shape
-    prob_rows = probs_TSE.sum(dim=1)
-    prob_table = prob_rows.new_zeros(num_tasks, e).index_add(0, task_ids_T, prob_rows)
-    gate_rows = torch.zeros_like(probs_TSE).scatter(2, topk_ids_TSK, probs_TSE.gather(2, topk_ids_TSK)).sum(dim=1)
-    gate_table = gate_rows.new_zeros(num_tasks, e).index_add(0, task_ids_T, gate_rows)
-    with torch.no_grad():
-        one_hot_counts = torch.zeros(t, e, device=probs_TSE.device)
-        one_hot_counts.scatter_add_(1, topk_ids_TSK.reshape(t, -1),
-                                    torch.ones(t, topk_ids_TSK[0].numel(), device=probs_TSE.device))
-        count_table = one_hot_counts.new_zeros(num_tasks, e).index_add(0, task_ids_T, one_hot_counts)
-        tokens = one_hot_counts.new_zeros(num_tasks).index_add(
-            0, task_ids_T, torch.full((t,), float(s), device=probs_TSE.device))
-    return RoutingStats(layer, kind, prob_table, count_table, tokens, topk_ids_TSK.shape[-1], gate_table)
+    k = topk_ids_TSK.shape[-1]
+    chosen_TSE = torch.zeros_like(probs_TSE).scatter_(2, topk_ids_TSK, 1.0)  # the top-k mask (no grad)
+    rows_3TE = torch.stack((probs_TSE.sum(dim=1), (probs_TSE * chosen_TSE).sum(dim=1), chosen_TSE.sum(dim=1)))
+    tables = rows_3TE.new_zeros(3, num_tasks, e).index_add(1, task_ids_T, rows_3TE)
+    prob_table, gate_table, counts = tables.unbind(0)
+    count_table = counts.detach()
+    tokens = count_table.sum(dim=1) / k  # every token makes exactly k choices
+    return RoutingStats(layer, kind, prob_table, count_table, tokens, k, gate_table)

@@ -19,7 +19,8 @@ cast per expert weight had made dtype casts the most launched op of a bf16 step.
   experts run fc1, GELU and fc2 expert by expert instead (moe/cpu_mlp.py).
 - ``grouped``: one ``grouped_mm`` over all rows with the plan's on-device offsets.
 
-Activations, dropout and the bias run once on the whole ``(S, H)`` tensor: the experts share them.
+The activation and dropout run once on the whole ``(S, H)`` tensor (the experts share them), except
+in moe/cpu_mlp.py.
 """
 
 from __future__ import annotations

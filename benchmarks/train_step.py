@@ -8,6 +8,13 @@ code's way; benchmarks/task_batched.py has its details). Plain PyTorch, no engin
 alone. On CUDA: bf16 autocast and fused AdamW, peak memory from the allocator. On CPU: fp32 and,
 as the memory figure, the bytes autograd keeps for backward (saved tensors), measured on one step.
 
+On CUDA two more columns say who sets the pace: ``GPU busy`` is the sum of one step's kernel times
+(torch.profiler) over the step's time; near 100% the GPU is the bottleneck, well below it the host
+does not issue the work fast enough (issue 7's first profile: 158 ms of kernels in a 346 ms step).
+``issued`` is when the host had queued the whole step, as a share of the step (CUDA's launch queue
+holds about a thousand kernels, so a host far ahead of the GPU waits there: near 100% alone is not
+conclusive, well below it is).
+
     python benchmarks/train_step.py --presets tiny small --batch 2 --repeats 3     # CPU
     python benchmarks/train_step.py --presets small base --batch 16                # CUDA
 """
@@ -83,6 +90,20 @@ def _peak_bytes(variant, batch) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def _gpu_busy_ms(variant, batch) -> float | None:
+    """Sum of one step's CUDA kernel times, in ms (None where the profiler cannot trace CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            variant(batch)
+            torch.cuda.synchronize()
+        return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    except (RuntimeError, AssertionError) as err:  # CUPTI missing on this machine
+        print(f"(no GPU busy time: {err})", file=sys.stderr)
+        return None
+
+
 def run_preset(preset, batch_size, repeats, device, with_loop=True, with_compile=False):
     cfg = load_config(preset=preset)
     batch = to_device(synthetic_batch(cfg.tasks.names, batch_size, cfg.model.img_size,
@@ -103,17 +124,22 @@ def run_preset(preset, batch_size, repeats, device, with_loop=True, with_compile
     for v in variants:  # warm-up, and the memory figure
         v(batch)
         memory[v.name] = _peak_bytes(v, batch) if device.type == "cuda" else _saved_bytes(v, batch)
-    times = {v.name: [] for v in variants}
+    times, issued = {v.name: [] for v in variants}, {v.name: [] for v in variants}
     for _ in range(repeats):  # round robin
         for v in variants:
             _sync(device)
             t0 = time.perf_counter()
             v(batch)
+            issued[v.name].append(time.perf_counter() - t0)
             _sync(device)
             times[v.name].append(time.perf_counter() - t0)
     ms = {k: statistics.median(t) * 1e3 for k, t in times.items()}
+    busy = {v.name: _gpu_busy_ms(v, batch) if device.type == "cuda" else None for v in variants}
     return {k: {"ms": ms[k], "dense_ms/ms": ms["dense"] / ms[k], "memory_bytes": memory[k],
-                "memory_vs_dense": memory[k] / memory["dense"]} for k in ms}
+                "memory_vs_dense": memory[k] / memory["dense"],
+                "issued_pct": 100 * statistics.median(issued[k]) * 1e3 / ms[k],
+                "gpu_busy_ms": busy[k], "gpu_busy_pct": None if busy[k] is None else 100 * busy[k] / ms[k]}
+            for k in ms}
 
 
 def main(argv=None) -> None:
@@ -140,10 +166,12 @@ def main(argv=None) -> None:
     for preset in presets:
         res = run_preset(preset, batch, repeats, device, with_loop=not args.no_loop, with_compile=args.compile)
         results[preset] = res
-        print(f"\n== {preset} ==\n{'variant':<17}{'ms':>10}{'vs dense':>10}{'MiB ' + mem:>28}{'vs dense':>10}")
+        print(f"\n== {preset} ==\n{'variant':<17}{'ms':>10}{'vs dense':>10}{'MiB ' + mem:>28}{'vs dense':>10}"
+              f"{'GPU busy':>10}{'issued':>8}")
         for name, r in res.items():
+            busy = "-" if r["gpu_busy_pct"] is None else f"{r['gpu_busy_pct']:.0f}%"
             print(f"{name:<17}{r['ms']:>10.1f}{r['dense_ms/ms']:>9.2f}x{r['memory_bytes'] / 2**20:>28.0f}"
-                  f"{r['memory_vs_dense']:>9.2f}x", flush=True)
+                  f"{r['memory_vs_dense']:>9.2f}x{busy:>10}{r['issued_pct']:>7.0f}%", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": where, "batch": batch, "presets": results}, indent=1))
 

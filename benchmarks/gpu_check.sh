@@ -77,7 +77,8 @@ else  # the CPU dry run: small shapes, few repeats
 fi
 # -v: a line per test as it ends, so a run cut by its deadline still says what passed. The kernels
 # and the trainer first (the crash of issue 7), the evaluation, export and planner checks last.
-FIRST_TESTS=(tests/gpu/test_layers_cuda.py tests/gpu/test_no_sync_cuda.py tests/gpu/test_trainer_cuda.py)
+FIRST_TESTS=(tests/gpu/test_layers_cuda.py tests/gpu/test_no_sync_cuda.py tests/gpu/test_launches_cuda.py
+             tests/gpu/test_trainer_cuda.py)
 part "tests/gpu: kernels, trainer" 240 "$PY" -m pytest -v -rfEs -p no:cacheprovider "${FIRST_TESTS[@]}"
 part "moe_layer" 90 "$PY" benchmarks/moe_layer.py "${LAYER_ARGS[@]}"
 part "train_step small" 75 "$PY" benchmarks/train_step.py "${SMALL_ARGS[@]}"

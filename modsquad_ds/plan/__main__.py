@@ -185,10 +185,8 @@ def _calibrate(cfg, args) -> None:
     params = count_params(cfg)
     st = state_bytes(params, world=1, ep_size=1, zero=args.zero, dtype=args.dtype)
     b = args.calibrate_batch
-    import torch
-
-    act = activation_bytes(cfg, b, args.dtype, device="cuda" if torch.cuda.is_available() else "cpu")
     m = measure_step(cfg, b, args.zero, args.dtype)
+    act = activation_bytes(cfg, b, args.dtype, device=m.device)  # predicted for where it was measured
     predicted = peak_bytes(st, act)
     print(f"calibration (1 process, micro batch {b}, ZeRO {args.zero}, {args.dtype}): "
           f"peak predicted {predicted / 2**20:.1f} MiB, measured "

@@ -33,6 +33,8 @@ class MeasuredStep:
     """Highest tensor bytes held at any moment of step 2 (forward, backward, optimizer step)."""
     saved_activation_bytes: int
     """Bytes of the distinct storages autograd saved for backward in one forward (the model's part)."""
+    device: str
+    """Where the steps ran, DeepSpeed's accelerator: ``cuda`` or ``cpu`` (the planner's ``device``)."""
 
 
 def _engine(cfg, zero: int, dtype: str, micro_batch: int):
@@ -107,7 +109,7 @@ def measure_step(cfg, micro_batch: int, zero: int = 1, dtype: str = "fp32") -> M
         if before is not None and t <= step.end_ns():
             peak = max(peak, held)
     acts = saved_activation_bytes(engine.module, batch)
-    return MeasuredStep(before_step_bytes=before, peak_bytes=peak, saved_activation_bytes=acts)
+    return MeasuredStep(before_step_bytes=before, peak_bytes=peak, saved_activation_bytes=acts, device="cpu")
 
 
 def _step(engine, batch) -> None:
@@ -132,7 +134,7 @@ def _measure_cuda(cfg, batch, micro_batch: int, zero: int, dtype: str) -> Measur
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base - batch_bytes
     acts = saved_activation_bytes(engine.module, batch)
-    return MeasuredStep(before_step_bytes=before, peak_bytes=peak, saved_activation_bytes=acts)
+    return MeasuredStep(before_step_bytes=before, peak_bytes=peak, saved_activation_bytes=acts, device="cuda")
 
 
 def _tensors(batch: dict):

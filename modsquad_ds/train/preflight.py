@@ -93,11 +93,10 @@ def check_out_dir(out_dir: str) -> None:
 
 def check_run(cfg, world_size: int) -> None:
     """All checks for a training run of ``world_size`` ranks; raises ConfigError."""
-    source = cfg.data.source_path()
     if cfg.data.source == "shards":
         check_shards(cfg, world_size)
         if cfg.train.eval_every:  # validation on data.val_split
             check_split(cfg, cfg.data.val_split, "train.eval_every")
-    elif not os.path.isdir(source):
-        raise ConfigError("data.raw_root", f"folder not found: {source}")
+    else:  # the raw release folder
+        check_split(cfg, cfg.data.train_split, "data.raw_root")
     check_out_dir(cfg.train.out_dir)

@@ -64,3 +64,18 @@ def test_usage_frequencies_per_task_and_expert(tmp_path):
     assert doc["tasks"] == ["a", "b"] and layer["layer"] == "blocks.1.mlp"
     assert layer["frequency"] == [[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]]  # rows sum to top_k
     assert layer["tokens"] == [8.0, 8.0]
+
+
+def test_preflight_names_a_missing_data_folder(tmp_path):
+    from modsquad_ds.config import ConfigError, load_config
+    from modsquad_ds.train.preflight import check_run
+
+    missing = tmp_path / "no_such_release"
+    raw = load_config(preset="tiny", overrides=["data.source=raw", f"data.raw_root={missing}",
+                                                f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=rf"^data\.raw_root: folder not found: {missing}$"):
+        check_run(raw, world_size=1)
+    shards = load_config(preset="tiny", overrides=["data.source=shards", f"data.shards_dir={missing}",
+                                                   f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"^data\.shards_dir: "):
+        check_run(shards, world_size=1)

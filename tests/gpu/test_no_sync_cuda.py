@@ -13,19 +13,24 @@ from modsquad_ds.config import load_config
 from modsquad_ds.data.synthetic import synthetic_batch
 from modsquad_ds.model import build_model
 from modsquad_ds.model.objective import MultiTaskObjective
+from modsquad_ds.moe.ds_adapter import convert_to_expert_parallel
 from modsquad_ds.moe.kernels import grouped_supported, set_kernel
 from modsquad_ds.train.module import TrainModule, to_device
 
 
+@pytest.mark.parametrize("as_trained", [True, False], ids=["trainer_model", "single_process_model"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad_checkpointing"])
-def test_a_bf16_training_step_never_waits_for_the_gpu(checkpointing):
+def test_a_bf16_training_step_never_waits_for_the_gpu(checkpointing, as_trained):
     device = torch.device("cuda")
     if not grouped_supported("cuda", device.index, torch.bfloat16):
         pytest.skip("the grouped kernel (sm90+, bf16) is the sync-free one; the loop reads the counts")
     overrides = ["model.grad_checkpointing=true"] if checkpointing else []
     cfg = load_config(preset="tiny", overrides=overrides)
     torch.manual_seed(0)
-    module = TrainModule(build_model(cfg), MultiTaskObjective(cfg), lambda t: t).to(device, torch.bfloat16)
+    model = build_model(cfg)
+    if as_trained:  # MoE MLP layers as DeepSpeed MoE at ep_size 1, as the trainer builds them
+        convert_to_expert_parallel(model, ep_size=1)
+    module = TrainModule(model, MultiTaskObjective(cfg), lambda t: t).to(device, torch.bfloat16)
     set_kernel(module, "auto")
     batch = to_device(synthetic_batch(cfg.tasks.names, 4, cfg.model.img_size, torch.Generator().manual_seed(0)),
                       device)

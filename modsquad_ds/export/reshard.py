@@ -89,8 +89,8 @@ def _zero0_param_names(cfg, ep_rank: int) -> list[str]:
     for path, old in [(n, m) for n, m in model.named_modules() if isinstance(m, MoEMlp)]:
         fc1 = old.experts.experts[0].fc1
         replace_module(model, path, ExpertParallelMoEMlp(fc1.in_features, fc1.out_features, len(old.experts.experts),
-                                                   old.router.top_k, old.router.num_tasks, cfg.train.ep_size,
-                                                   router=old.router))
+                                                         old.router.top_k, old.router.num_tasks, cfg.train.ep_size,
+                                                         router=old.router))
     module = TrainModule(model, MultiTaskObjective(cfg), None)
     names = {id(p): n for n, p in module.named_parameters()}
     local = {path: layer.num_local_experts for path, layer in expert_parallel_layers(module)}

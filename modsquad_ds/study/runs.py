@@ -53,8 +53,7 @@ def train_and_evaluate(spec: RunSpec, base_config: str, split: str) -> dict:
 
     started = time.perf_counter()
     from modsquad_ds.eval.__main__ import evaluate_checkpoint
-    from modsquad_ds.train.checkpoint import step_of
-    from modsquad_ds.train.checkpoint import find_checkpoint
+    from modsquad_ds.train.checkpoint import find_checkpoint, step_of
     from modsquad_ds.eval.report import write_results
     from modsquad_ds.train.trainer import Trainer
 

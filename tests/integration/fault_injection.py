@@ -431,19 +431,24 @@ def scenario_shard_vanishes(report: Report, shards: Path, work: Path) -> None:
 def scenario_make_shards_interrupt(report: Report, shards: Path, work: Path) -> None:
     """Ctrl-C (SIGINT to the whole foreground group, as a terminal sends it) while shards are written.
 
-    On a data set of its own, 400 views: the shared one's 36 were all written within ~0.1 s, and on a
-    busy machine the interrupt sometimes landed after the last one (exit 0, nothing to test).
+    One source file is a FIFO, so the writer that reaches it hangs in its read with its shard half
+    written, as on a stalled network file system: the run cannot end before the interrupt lands.
+    (Racing a quick run with a poll for a half-written shard failed now and then: a 400-view run's
+    shards were all written in about a second.)
     """
     from data_tools.mini_taskonomy import generate
 
-    raw = work / "many_views"
-    generate(raw, buildings=4, points=10, views=10, resolution=32, seed=2, workers=2, progress=False)
+    raw = work / "stalled_views"
+    generate(raw, buildings=2, points=3, views=3, resolution=32, seed=2, workers=1, progress=False)
+    stalled = sorted(raw.rglob("*.png"))[len(list(raw.rglob("*.png"))) // 2]
+    stalled.unlink()
+    os.mkfifo(stalled)  # a read blocks until a writer opens it: none will
     out = work / "interrupted_shards"
     proc = Proc([sys.executable, "-m", "data_tools.make_shards", "--root", str(raw), "--out", str(out),
                  "--split", "train", "--samples-per-shard", "1", "--workers", "2", "--no-progress"],
                 work / "make_shards.log")
     try:
-        wait_until(lambda: out.is_dir() and any(out.glob(".*.tmp")), "a shard being written", proc, 60, 0.005)
+        wait_until(lambda: out.is_dir() and any(out.glob(".train-*.tmp")), "a shard being written", proc, 60, 0.05)
         t0 = time.monotonic()
         os.killpg(proc.p.pid, signal.SIGINT)
         code = proc.wait(60)
@@ -452,7 +457,7 @@ def scenario_make_shards_interrupt(report: Report, shards: Path, work: Path) -> 
         proc.kill()
     output = proc.output
     leftovers = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
-    tail = [l for l in output.splitlines() if "interrupted" in l]
+    tail = [l for l in output.splitlines() if "] interrupted:" in l]
     ok = code == 130 and len(tail) == 1 and "Traceback" not in output and not leftovers
     report.check("Ctrl-C in make_shards", ok, (tail[0] if tail else f"exit {code}") +
                  (f"; left {leftovers}" if leftovers else ""), seconds, output)

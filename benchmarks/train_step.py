@@ -6,7 +6,8 @@ Variants: ``dense`` (build_dense_peer), ``modsquad`` (task-batched: all tasks in
 ``--compile``), and ``loop`` (one forward per task, the reference
 code's way; benchmarks/task_batched.py has its details). Plain PyTorch, no engine: the model's cost
 alone. On CUDA: bf16 autocast and fused AdamW, peak memory from the allocator. On CPU: fp32 and,
-as the memory figure, the bytes autograd keeps for backward (saved tensors), measured on one step.
+as the memory figure, the bytes autograd keeps for backward (distinct saved storages, parameters left
+out), measured on one step.
 
 On CUDA two more columns say who sets the pace: ``GPU busy`` is the sum of one step's kernel times
 (torch.profiler) over the step's time; near 100% the GPU is the bottleneck, well below it the host
@@ -38,6 +39,7 @@ from modsquad_ds.config import load_config  # noqa: E402
 from modsquad_ds.data.synthetic import synthetic_batch  # noqa: E402
 from modsquad_ds.model import build_dense_peer, build_model  # noqa: E402
 from modsquad_ds.model.objective import MultiTaskObjective  # noqa: E402
+from modsquad_ds.plan.measure import saved_bytes  # noqa: E402
 from modsquad_ds.train.module import to_device  # noqa: E402
 
 
@@ -70,15 +72,8 @@ def _sync(device):
 
 
 def _saved_bytes(variant, batch) -> int:
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        variant(batch)
-    return total[0]
+    """The activations of one step: distinct storages saved for backward, parameters left out."""
+    return saved_bytes(lambda: variant(batch), [*variant.model.parameters(), *variant.objective.parameters()])
 
 
 def _peak_bytes(variant, batch) -> int:

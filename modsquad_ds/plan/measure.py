@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 
@@ -52,8 +53,15 @@ def _engine(cfg, zero: int, dtype: str, micro_batch: int):
 
 
 def saved_activation_bytes(module, batch) -> int:
-    """Distinct storage bytes autograd keeps for backward during ``module(batch)`` (parameters, which
-    a Linear saves too, are not activations). Views of one buffer count once, at its full size."""
+    """Distinct storage bytes autograd keeps for backward during ``module(batch)``."""
+    return saved_bytes(lambda: module(batch), module.parameters())
+
+
+def saved_bytes(run: Callable[[], object], params: Iterable[torch.Tensor]) -> int:
+    """Distinct storage bytes autograd keeps for backward while ``run()`` runs, less ``params`` (a
+    Linear saves its weight too: parameters are not activations). Views of one buffer count once,
+    at its full size, and so does a tensor two functions save (a layer's input, saved by its router
+    and by its experts)."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
@@ -63,9 +71,9 @@ def saved_activation_bytes(module, batch) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(batch)
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    return sum(n for ptr, n in seen.items() if ptr not in params)
+        run()
+    held = {p.untyped_storage().data_ptr() for p in params}
+    return sum(n for ptr, n in seen.items() if ptr not in held)
 
 
 def _on_cuda() -> bool:

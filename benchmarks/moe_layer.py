@@ -1,10 +1,11 @@
 """One MoE layer, forward + backward, against its dense peer of equal active FLOPs, side by side.
 
-MLP: ``MoEMlp`` (each expert kernel of moe/kernels.py), ``ExpertParallelMoEMlp`` at ep_size 1 (the
-trainer's layer: the local dropless dispatch, the ``auto`` kernel) and through DeepSpeed's ``MOELayer``
-(the path of ep_size > 1 without the all-to-all: its local experts batched over the (E, C, D)
-buffer), DeepSpeed's stock dropless ``MoE`` (the same peer
-as benchmarks/ep_throughput.py, built by its recipe), and the dense timm ``Mlp`` with hidden
+MLP: ``MoEMlp`` (each expert kernel of moe/kernels.py; on the CPU also ``loop, general``, the loop
+kernel with moe/cpu_mlp.py's one-pass path off, as GPUs and autocast run it), ``ExpertParallelMoEMlp``
+at ep_size 1 (the trainer's layer: the local dropless dispatch, the ``auto`` kernel) and through
+DeepSpeed's ``MOELayer`` (the path of ep_size > 1 without the all-to-all: its local experts batched
+over the (E, C, D) buffer), DeepSpeed's stock dropless ``MoE`` (the same peer as
+benchmarks/ep_throughput.py, built by its recipe), and the dense timm ``Mlp`` with hidden
 ``k * expert_hidden`` (the same active FLOPs per token). Attention: ``MoEAttention`` (MoA) against
 timm's dense multi-head ``Attention`` with ``k`` heads of the expert width (the same query/output
 FLOPs; MoA shares one K/V head, so it does slightly less).
@@ -39,6 +40,10 @@ except ImportError:  # a tree from before the kernel seam (PYTHONPATH=<old check
 
     def set_kernel(layer, kernel):
         return 0
+try:
+    from modsquad_ds.moe import cpu_mlp
+except ImportError:  # a tree from before moe/cpu_mlp.py
+    cpu_mlp = None
 
 # name: (D, mlp experts, mlp top-k, expert hidden, attn experts, attn top-k, head dim, tasks, images, tokens)
 SHAPES = {
@@ -74,6 +79,18 @@ def _fb_stock(layer, x):
     return run
 
 
+def _general_path(run):
+    """``run`` with moe/cpu_mlp.py's one-pass CPU MoE MLP off: dispatch, the loop kernel one
+    projection at a time, combine (the loop kernel as GPUs and autocast run it)."""
+    def without_cpu_path():
+        fusable, cpu_mlp.fusable = cpu_mlp.fusable, lambda expert, x: False
+        try:
+            run()
+        finally:
+            cpu_mlp.fusable = fusable
+    return without_cpu_path
+
+
 def _mlp_variants(d, e, k, h, x, task_ids, with_deepspeed: bool):
     torch.manual_seed(0)
     out = {"dense Mlp": _fb_dense(Mlp(d, k * h, act_layer=nn.GELU), x)}
@@ -81,6 +98,10 @@ def _mlp_variants(d, e, k, h, x, task_ids, with_deepspeed: bool):
         layer = MoEMlp(d, h, e, k, num_tasks=x.shape[0])
         set_kernel(layer, kernel)
         out[f"MoEMlp {kernel}"] = _fb_moe(layer, x, task_ids)
+    if x.device.type == "cpu" and cpu_mlp is not None:
+        layer = MoEMlp(d, h, e, k, num_tasks=x.shape[0])
+        set_kernel(layer, "loop")
+        out["MoEMlp loop, general"] = _general_path(_fb_moe(layer, x, task_ids))
     if with_deepspeed:
         from deepspeed.moe.layer import MoE
 
@@ -125,7 +146,14 @@ def measure(fns: dict, device, reps: int, warmup: int = 2, clock=time.perf_count
 
 
 def _modules_of(fn):
-    return [c.cell_contents for c in (fn.__closure__ or ()) if isinstance(c.cell_contents, nn.Module)]
+    """The modules a variant's closure runs (through wrappers such as _general_path)."""
+    modules = []
+    for cell in fn.__closure__ or ():
+        if isinstance(cell.cell_contents, nn.Module):
+            modules.append(cell.cell_contents)
+        elif callable(cell.cell_contents):
+            modules += _modules_of(cell.cell_contents)
+    return modules
 
 
 def run(shape: str, device, dtype, reps: int, with_deepspeed: bool, mlp_only: bool = False,

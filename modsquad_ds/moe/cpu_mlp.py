@@ -1,78 +1,98 @@
-"""The MLP experts on a CPU: fc1 -> GELU -> fc2 expert by expert, while the expert's rows are in cache.
+"""The MoE MLP on a CPU: dispatch, experts and combine in one pass, expert by expert.
 
-The ``loop`` kernel runs fc1 for every expert, then the activation over all ``S`` rows, then fc2:
-the ``(S, hidden)`` activations (25 MB at ViT-S shapes with 4 tasks of 1,024 tokens) go through
-memory three times forward and more in backward, exactly as in the dense MLP. Here each expert's
-chunk (a few hundred KB to a few MB) runs its two matmuls and its GELU back to back, and backward
-recomputes the GELU from the saved pre-activation instead of keeping a second ``(S, hidden)``
-tensor. Same math as :func:`~modsquad_ds.moe.experts.run_mlp_experts`, to float rounding.
+The general path (moe/experts.py) materialises every stage over all ``S = N*K`` slots: the gathered
+token copies, each projection's output, the combine's gradient rows and its gate products, each an
+``(S, D)`` or ``(S, hidden)`` tensor (25 MB at ViT-S shapes with 4 tasks of 1,024 tokens) written,
+read back from memory and, being fresh, often page-faulted in again. Here each expert takes its
+tokens (a gather into a reused buffer of a few MB), runs fc1, GELU and fc2 while they are in cache,
+and, in backward, gathers its rows of the output gradient, takes its gates' gradients, scales by
+the gates and runs its own backward on them, all on the same chunk. Only the fc1 outputs (for the
+GELU's backward; the GELU itself is recomputed) and the expert outputs (for the gates' gradient)
+are kept, no copy of the tokens (gathered again in backward), and the experts' parameters are used
+as they are, not stacked into a copy. Same math as the general path, to float rounding.
 
-Only where it pays: on the CPU (a GPU's L2 holds the whole activation anyway, and per-expert GELU
-launches would cost more than they save), without autocast, for timm ``Mlp`` experts whose norm
-is the identity and whose dropouts are off (the model's experts: ``Mlp`` defaults).
+Only where it pays: on the CPU (a GPU's L2 holds a whole stage anyway, and per-expert launches
+would cost more than they save), without autocast, for timm ``Mlp`` experts whose norm is the
+identity and whose dropouts are off (the model's experts: ``Mlp`` defaults).
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
+from modsquad_ds.moe.dispatch import DispatchPlan, sum_slots
 
-def fusable(expert: Mlp, x_SD: torch.Tensor) -> bool:
-    """True where :func:`loop_mlp` computes what ``expert``'s modules would, and pays."""
-    return (x_SD.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+
+def fusable(expert: Mlp, x: torch.Tensor) -> bool:
+    """True where :func:`moe_mlp` computes what ``expert``'s modules would, and pays."""
+    return (x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
             and type(expert.act) is nn.GELU and isinstance(expert.norm, nn.Identity)
             and expert.fc1.bias is not None and expert.fc2.bias is not None
             and all(not d.training or d.p == 0 for d in (expert.drop1, expert.drop2)))
 
 
-def loop_mlp(x_SD: torch.Tensor, counts: list[int], w1_EHD: torch.Tensor, b1_EH: torch.Tensor,
-             w2_EOH: torch.Tensor, b2_EO: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """Expert e's MLP (weights stacked in ``nn.Linear`` layout) on its ``counts[e]`` rows of the
-    expert-sorted ``x_SD``."""
-    return _LoopMlp.apply(x_SD, counts, approximate, w1_EHD, b1_EH, w2_EOH, b2_EO)
+def moe_mlp(experts: Sequence[Mlp], x_ND: torch.Tensor, p: DispatchPlan) -> torch.Tensor:
+    """(N, D) tokens through their chosen experts' MLPs, summed by gate (paper eq. 1)."""
+    params = [t for m in experts for t in (m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias)]
+    return _MoEMlp.apply(x_ND, p.gates, p.token_idx, p.inverse, p.counts, p.top_k, experts[0].act.approximate,
+                         *params)
 
 
-class _LoopMlp(torch.autograd.Function):
+class _MoEMlp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_SD, counts, approximate, w1_EHD, b1_EH, w2_EOH, b2_EO):
-        h_SH = x_SD.new_empty(x_SD.shape[0], w1_EHD.shape[1])  # pre-activations, kept for backward
-        y_SO = x_SD.new_empty(x_SD.shape[0], w2_EOH.shape[1])
-        lo = 0
-        for e, n in enumerate(counts):
+    def forward(ctx, x_ND, gates_S, token_idx_S, inverse_S, counts, k, approximate, *params):
+        h_SH = x_ND.new_empty(len(token_idx_S), params[0].shape[0])  # fc1 outputs, for the GELU's backward
+        y_SO = x_ND.new_empty(len(token_idx_S), params[2].shape[0])  # expert outputs, for the gates' gradient
+        x_buf = x_ND.new_empty(max(counts), x_ND.shape[1])
+        for e, (n, idx, h, y) in enumerate(zip(counts, *_by_expert(counts, token_idx_S, h_SH, y_SO))):
             if n:
-                rows = slice(lo, lo + n)
-                # mm, then the bias in place: addmm into a slice of a fresh buffer cost 20% more
-                h = torch.mm(x_SD[rows], w1_EHD[e].t(), out=h_SH[rows]).add_(b1_EH[e])
-                torch.mm(F.gelu(h, approximate=approximate), w2_EOH[e].t(), out=y_SO[rows]).add_(b2_EO[e])
-            lo += n
-        ctx.save_for_backward(x_SD, h_SH, w1_EHD, w2_EOH)
-        ctx.counts, ctx.approximate = counts, approximate
-        return y_SO
+                w1, b1, w2, b2 = params[4 * e:4 * e + 4]
+                x = torch.index_select(x_ND, 0, idx, out=x_buf[:n])
+                # mm, then the bias in place: addmm into a slice of a fresh buffer cost more on CPU
+                torch.mm(x, w1.t(), out=h).add_(b1)
+                torch.mm(F.gelu(h, approximate=approximate), w2.t(), out=y).add_(b2)
+        ctx.save_for_backward(x_ND, gates_S, token_idx_S, inverse_S, h_SH, y_SO, *params)
+        ctx.counts, ctx.approximate, ctx.k = counts, approximate, k
+        return sum_slots(y_SO, inverse_S, k, gates_S[inverse_S])  # each token's K outputs by gate, as combine
 
     @staticmethod
-    def backward(ctx, grad_SO):
-        x_SD, h_SH, w1_EHD, w2_EOH = ctx.saved_tensors
-        grad_SO = grad_SO.contiguous()
-        grad_x = torch.empty_like(x_SD)
-        grads = (torch.empty_like(w1_EHD), w1_EHD.new_empty(w1_EHD.shape[:2]),
-                 torch.empty_like(w2_EOH), w2_EOH.new_empty(w2_EOH.shape[:2]))
-        g_w1, g_b1, g_w2, g_b2 = grads
-        lo = 0
-        for e, n in enumerate(ctx.counts):
-            rows = slice(lo, lo + n)
-            g, h = grad_SO[rows], h_SH[rows]
-            if n:
-                torch.mm(g.t(), F.gelu(h, approximate=ctx.approximate), out=g_w2[e])
-                torch.sum(g, 0, out=g_b2[e])
-                g_h = torch.ops.aten.gelu_backward(g @ w2_EOH[e], h, approximate=ctx.approximate)
-                torch.mm(g_h.t(), x_SD[rows], out=g_w1[e])
-                torch.sum(g_h, 0, out=g_b1[e])
-                torch.mm(g_h, w1_EHD[e], out=grad_x[rows])
-            else:  # an expert without rows
-                for grad in grads:
-                    grad[e].zero_()
-            lo += n
-        return grad_x, None, None, *grads
+    def backward(ctx, grad_ND):
+        x_ND, gates_S, token_idx_S, inverse_S, h_SH, y_SO, *params = ctx.saved_tensors
+        counts, approximate = ctx.counts, ctx.approximate
+        grad_ND = grad_ND.contiguous()
+        grad_x_SD = torch.empty_like(y_SO)  # each slot's input gradient, summed per token at the end
+        grad_gates_S = y_SO.new_empty(gates_S.shape)  # in the activations' dtype, as combine's backward
+        g_buf = grad_ND.new_empty(max(counts), grad_ND.shape[1])
+        x_buf = torch.empty_like(g_buf)
+        gates_S1 = gates_S.to(y_SO.dtype).unsqueeze(1)
+        chunks = _by_expert(counts, token_idx_S, gates_S1, h_SH, y_SO, grad_x_SD, grad_gates_S)
+        want_params = any(ctx.needs_input_grad[7:])  # not when only routers and heads train (new tasks)
+        grads = []
+        for e, (n, idx, gate, h, y, grad_x, grad_gate) in enumerate(zip(counts, *chunks)):
+            w1, b1, w2, b2 = params[4 * e:4 * e + 4]
+            if not n:  # an expert without tokens
+                grads += [torch.zeros_like(t) if want_params else None for t in (w1, b1, w2, b2)]
+                continue
+            g = torch.index_select(grad_ND, 0, idx, out=g_buf[:n])  # the combine's backward, this expert's rows
+            torch.linalg.vecdot(g, y, out=grad_gate)
+            g.mul_(gate)
+            g_h = torch.ops.aten.gelu_backward(g @ w2, h, approximate=approximate)
+            torch.mm(g_h, w1, out=grad_x)
+            if want_params:
+                g_w1 = g_h.t() @ torch.index_select(x_ND, 0, idx, out=x_buf[:n])
+                g_w2 = g.t() @ F.gelu(h, approximate=approximate)
+                grads += [g_w1, g_h.sum(0), g_w2, g.sum(0)]
+            else:
+                grads += [None] * 4
+        grad_x_ND = sum_slots(grad_x_SD, inverse_S, ctx.k)  # each token's K slots, as dispatch's backward
+        return grad_x_ND, grad_gates_S.to(gates_S.dtype), None, None, None, None, None, *grads
+
+
+def _by_expert(counts: list[int], *tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Each expert-sorted tensor split into its experts' rows (views)."""
+    return [t.split(counts) for t in tensors]

@@ -81,11 +81,11 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_SD: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        return _sum_slots(grad_SD, inverse, ctx.k), None, None, None
+        return sum_slots(grad_SD, inverse, ctx.k), None, None, None
 
 
-def _sum_slots(rows_SD: torch.Tensor, inverse: torch.Tensor, k: int,
-               weights_S: torch.Tensor | None = None) -> torch.Tensor:
+def sum_slots(rows_SD: torch.Tensor, inverse: torch.Tensor, k: int,
+              weights_S: torch.Tensor | None = None) -> torch.Tensor:
     """(N, D): for each token, the (weighted) sum of its K slot rows, which sit at ``inverse``."""
     bags_NK = inverse.view(-1, k)
     weights_NK = None if weights_S is None else weights_S.to(rows_SD.dtype).view(-1, k)
@@ -103,7 +103,7 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, y_SD: torch.Tensor, gates_S: torch.Tensor, token_idx: torch.Tensor,
                 inverse: torch.Tensor, k: int) -> torch.Tensor:
         ctx.save_for_backward(y_SD, gates_S, token_idx)
-        return _sum_slots(y_SD, inverse, k, gates_S[inverse])
+        return sum_slots(y_SD, inverse, k, gates_S[inverse])
 
     @staticmethod
     def backward(ctx, grad_ND: torch.Tensor):

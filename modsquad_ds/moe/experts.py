@@ -15,12 +15,12 @@ cast per expert weight had made dtype casts the most launched op of a bf16 step.
 - ``loop``: one matmul per expert chunk, written straight into one output buffer (and, in backward,
   into one input-gradient and one stacked weight-gradient buffer): no ``torch.cat`` of per-expert
   outputs forward or backward, which cost as much as a fifth of the layer on CPU (two extra copies
-  of every activation, each a fresh allocation). Needs the counts on the host. On the CPU the MLP
-  experts run fc1, GELU and fc2 expert by expert instead (moe/cpu_mlp.py).
+  of every activation, each a fresh allocation). Needs the counts on the host.
 - ``grouped``: one ``grouped_mm`` over all rows with the plan's on-device offsets.
 
-The activation and dropout run once on the whole ``(S, H)`` tensor (the experts share them), except
-in moe/cpu_mlp.py.
+The activation and dropout run once on the whole ``(S, H)`` tensor (the experts share them). On the
+CPU the loop kernel's MoE MLP instead runs dispatch, experts and combine expert by expert, on the
+experts' own parameters (moe/cpu_mlp.py).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
 from modsquad_ds.moe import cpu_mlp, kernels
-from modsquad_ds.moe.dispatch import DispatchPlan
+from modsquad_ds.moe.dispatch import DispatchPlan, combine, dispatch
 
 
 class _LoopLinear(torch.autograd.Function):
@@ -103,12 +103,17 @@ def expert_linear(x_SI: torch.Tensor, p: DispatchPlan, w_EOI: torch.Tensor, b_EO
     return _LoopLinear.apply(x_SI, p.counts, w_EOI, b_EO)
 
 
+def moe_mlp(experts: Sequence[Mlp], x_ND: torch.Tensor, p: DispatchPlan, kernel: str = "auto") -> torch.Tensor:
+    """(N, D) tokens through their chosen experts' timm ``Mlp``, summed by gate (paper eq. 1)."""
+    if kernels.resolve(kernel, x_ND) == "loop" and cpu_mlp.fusable(experts[0], x_ND):
+        return cpu_mlp.moe_mlp(experts, x_ND, p)  # dispatch, experts and combine, expert by expert
+    return combine(run_mlp_experts(experts, dispatch(x_ND, p), p, kernel), p)
+
+
 def run_mlp_experts(experts: Sequence[Mlp], x_SD: torch.Tensor, p: DispatchPlan, kernel: str = "auto") -> torch.Tensor:
     """Expert e's timm ``Mlp`` on its rows of the expert-sorted ``x_SD``, all experts at once."""
     first = experts[0]  # the activation, dropout and (identity) norm are the same in every expert
     w1, b1, w2, b2 = (_stacked(experts, linear, param) for linear in ("fc1", "fc2") for param in ("weight", "bias"))
-    if kernels.resolve(kernel, x_SD) == "loop" and cpu_mlp.fusable(first, x_SD):
-        return cpu_mlp.loop_mlp(x_SD, p.counts, w1, b1, w2, b2, first.act.approximate)  # whole MLP per expert
     h = first.norm(first.drop1(first.act(expert_linear(x_SD, p, w1, b1, kernel))))
     return first.drop2(expert_linear(h, p, w2, b2, kernel))
 
@@ -125,8 +130,9 @@ class MLPExperts(kernels.KernelChoice, nn.Module):
         super().__init__()
         self.experts = nn.ModuleList(Mlp(dim, hidden, act_layer=act_layer) for _ in range(num_experts))
 
-    def forward(self, x_SD: torch.Tensor, p: DispatchPlan) -> torch.Tensor:
-        return run_mlp_experts(self.experts, x_SD, p, self.kernel)
+    def forward(self, x_ND: torch.Tensor, p: DispatchPlan) -> torch.Tensor:
+        """(N, D) tokens through their chosen experts, summed by gate."""
+        return moe_mlp(self.experts, x_ND, p, self.kernel)
 
 
 class AttentionProjections(kernels.KernelChoice, nn.Module):

@@ -18,7 +18,8 @@ from modsquad_ds.moe.router import TaskRouter
 from modsquad_ds.moe.stats import RoutingStats, routing_stats
 
 RunExperts = Callable[[torch.Tensor, dsp.DispatchPlan], torch.Tensor]
-"""``(x_SD expert-sorted rows, plan) -> y_SD``: the experts of a layer on their rows."""
+"""``(x_ND tokens, plan) -> y_ND``: the experts of a layer on the tokens the plan sends them, each
+token's outputs summed by gate (dispatch, experts, combine)."""
 
 
 def dropless_moe(router: TaskRouter, run_experts: RunExperts, num_experts: int, x_TBND: torch.Tensor,
@@ -30,8 +31,7 @@ def dropless_moe(router: TaskRouter, run_experts: RunExperts, num_experts: int, 
     x_TSD = x_TBND.reshape(t, b * n, d)
     r = router(x_TSD, task_ids_T)
     p = dsp.plan(r.topk_ids_TSK.reshape(t * b * n, -1), r.gates_TSK.reshape(t * b * n, -1), num_experts)
-    y_SD = run_experts(dsp.dispatch(x_TSD.reshape(-1, d), p), p)
-    y = dsp.combine(y_SD, p).view(t, b, n, d)
+    y = run_experts(x_TSD.reshape(-1, d), p).view(t, b, n, d)
     return y, routing_stats(name, kind, r.probs_TSE, r.topk_ids_TSK, task_ids_T, router.num_tasks)
 
 

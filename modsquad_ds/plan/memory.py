@@ -162,8 +162,8 @@ def activation_bytes_per_image(cfg, dtype: str = "fp32", capacity_factor: float 
     ``capacity_factor``: at ep_size > 1, DeepSpeed's expert buffer holds E x C rows with C the
     busiest expert's token count; 1.0 is perfectly balanced routing (C = k S / E). At ep_size 1 the
     MoE MLP layers run the dropless local dispatch (moe/layer.dropless_moe): exactly k S rows, and
-    on ``device`` "cpu" the whole expert MLP per expert (moe/cpu_mlp.py), which keeps the GELU's
-    input but not its output.
+    on ``device`` "cpu" dispatch, experts and combine expert by expert (moe/cpu_mlp.py), which keeps
+    the GELU's input but neither its output nor the gathered token copies.
     """
     s = shapes(cfg)
     a = DTYPE_BYTES[dtype]
@@ -199,8 +199,10 @@ def activation_bytes_per_image(cfg, dtype: str = "fp32", capacity_factor: float 
             buf = r * k * (1.0 if local else capacity_factor)
             total += _router(r, d, s.mlp_e, k, a, noisy)
             total += r * d * a                      # LayerNorm 2 output
-            whole_mlp = local and device == "cpu"   # moe/cpu_mlp.py recomputes the GELU in backward
-            total += buf * (d + (1 if whole_mlp else 2) * h) * a  # expert fc1 input, GELU input (and output)
+            if local and device == "cpu":           # moe/cpu_mlp.py gathers the tokens and recomputes the GELU
+                total += buf * h * a                # in backward: the GELU input only
+            else:
+                total += buf * (d + 2 * h) * a      # expert fc1 input, GELU input and output
             total += r * k * d * a                  # expert outputs (saved by the combine / gate multiply)
             # gates; slot tokens and the inverse order (local), or the slots of _sparse_decode
             total += r * k * (f + (2 if local else 1) * i64)
@@ -212,11 +214,14 @@ def activation_bytes_per_image(cfg, dtype: str = "fp32", capacity_factor: float 
     return total
 
 
-def expert_weight_copies(cfg, dtype: str = "fp32", ep_size: int = 1) -> float:
+def expert_weight_copies(cfg, dtype: str = "fp32", ep_size: int = 1, device: str = "cuda") -> float:
     """Bytes saved once per step, whatever the batch: the local experts' weights stacked into
     ``(E_local, h, D)`` tensors for fc1 and fc2 of every MoE MLP layer, which the expert matmuls keep
     for backward (moe/experts.py at ep_size 1, either kernel; moe/ds_adapter/layer.BatchedExperts
-    at ep_size > 1). MoA's projections are stored stacked: nothing is copied for them."""
+    at ep_size > 1). None at ep_size 1 on a CPU: moe/cpu_mlp.py uses each expert's own weights.
+    MoA's projections are stored stacked: nothing is copied for them."""
+    if ep_size == 1 and device == "cpu":
+        return 0.0
     s = shapes(cfg)
     h = s.mlp_hidden // s.mlp_k if cfg.moe.mlp.expert_dim is None else cfg.moe.mlp.expert_dim
     layers = sum(1 for _attn, mlp in s.kinds if mlp)
@@ -228,7 +233,7 @@ def activation_bytes(cfg, micro_batch: int, dtype: str = "fp32", capacity_factor
     """Bytes autograd saves for backward in one micro step of ``micro_batch`` images on ``device``
     ("cuda" or "cpu", see :func:`activation_bytes_per_image`)."""
     return (micro_batch * activation_bytes_per_image(cfg, dtype, capacity_factor, ep_size, device)
-            + expert_weight_copies(cfg, dtype, ep_size))
+            + expert_weight_copies(cfg, dtype, ep_size, device))
 
 
 def _router(rows: int, dim: int, experts: int, k: int, a: int, noisy: bool) -> float:

@@ -24,7 +24,7 @@ from timm.layers import Mlp
 
 from modsquad_ds.moe import kernels
 from modsquad_ds.moe.ds_adapter.gate import TaskGate
-from modsquad_ds.moe.experts import run_mlp_experts
+from modsquad_ds.moe.experts import moe_mlp
 from modsquad_ds.moe.layer import dropless_moe
 from modsquad_ds.moe.router import TaskRouter
 from modsquad_ds.moe.stats import RoutingStats, routing_stats
@@ -113,7 +113,7 @@ class ExpertParallelMoEMlp(MoE):
             # Nothing to exchange: MoEMlp's dropless dispatch over the same expert modules (no
             # capacity, so no host sync for it and no padded (E, C, D) buffer; grouped_mm on sm90+).
             kernel = self.deepspeed_moe.experts.kernel
-            return dropless_moe(self.router, lambda x_SD, p: run_mlp_experts(self.local_experts, x_SD, p, kernel),
+            return dropless_moe(self.router, lambda x_ND, p: moe_mlp(self.local_experts, x_ND, p, kernel),
                                 self.num_local_experts, x_TBND, task_ids_T, self.name, self.kind)
         y_TBND, _, _ = super().forward(x_TBND, task_ids_T)
         r, self.deepspeed_moe.gate.routing = self.deepspeed_moe.gate.routing, None

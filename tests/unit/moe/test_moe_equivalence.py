@@ -8,8 +8,8 @@ import torch
 from timm.layers import Mlp
 
 from modsquad_ds.moe import MoEAttention, MoEMlp, cpu_mlp
-from modsquad_ds.moe.dispatch import plan
-from modsquad_ds.moe.experts import expert_linear, run_mlp_experts
+from modsquad_ds.moe.dispatch import combine, dispatch, plan
+from modsquad_ds.moe.experts import run_mlp_experts
 from modsquad_ds.moe.kernels import has_grouped_mm, set_kernel
 from modsquad_ds.moe.reference import reference_moe_attention, reference_moe_mlp, reference_route
 
@@ -135,27 +135,49 @@ def test_fast_layer_under_bf16_autocast_stays_near_reference(kind, kernel):
         assert ((fast - slow).norm() / slow.norm().clamp_min(1e-12)).item() < 2e-2
 
 
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_cpu_whole_mlp_path_equals_the_projection_path_with_idle_experts(approximate):
-    """moe/cpu_mlp.py against the unfused loop on the same rows, in float64: outputs and every
-    gradient, with experts that get no rows (their gradients are zeros) and a tanh GELU."""
+@pytest.mark.parametrize("approximate, dtype", [("none", torch.float64), ("tanh", torch.float64),
+                                                 ("none", torch.bfloat16)])
+def test_cpu_moe_mlp_equals_dispatch_experts_combine_with_idle_experts(approximate, dtype):
+    """moe/cpu_mlp.py (dispatch, experts and combine expert by expert) against dispatch, the
+    projection loop and combine: outputs and every gradient (tokens, gates, parameters), with experts
+    that get no tokens (their gradients are zeros) and a tanh GELU; in float64, and in bfloat16 with
+    float32 gates (DeepSpeed's bf16 engines hold the weights so, without autocast) to bf16 rounding."""
     torch.manual_seed(0)
     experts = torch.nn.ModuleList(Mlp(6, 10, act_layer=lambda: torch.nn.GELU(approximate=approximate))
-                                  for _ in range(4)).double()
+                                  for _ in range(4)).to(dtype)
     topk = torch.tensor([[0, 2], [2, 0], [0, 2], [2, 0], [0, 2]])  # experts 1 and 3 idle
-    p = plan(topk, torch.rand(5, 2, dtype=torch.float64), 4)
-    x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    gates = torch.rand(5, 2, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True)
+    x = torch.randn(5, 6, dtype=dtype, requires_grad=True)
     assert cpu_mlp.fusable(experts[0], x)
-    weight = torch.randn(10, 6, dtype=torch.float64)
-    params = list(experts.parameters())
-    fused = run_mlp_experts(experts, x, p, "loop")
-    grads = torch.autograd.grad((fused * weight).sum(), [x, *params])
-    h = expert_linear(x, p, torch.stack([m.fc1.weight for m in experts]), torch.stack([m.fc1.bias for m in experts]),
-                      "loop")
-    unfused = expert_linear(experts[0].act(h), p, torch.stack([m.fc2.weight for m in experts]),
-                            torch.stack([m.fc2.bias for m in experts]), "loop")
-    torch.testing.assert_close(fused, unfused)
-    for g, ref in zip(grads, torch.autograd.grad((unfused * weight).sum(), [x, *params])):
-        torch.testing.assert_close(g, ref)
-    idle = [g for i, g in enumerate(grads[1:]) if i // 4 in (1, 3)]  # 4 parameters per expert
+    weight = torch.randn(5, 6, dtype=dtype)
+    inputs = [x, gates, *experts.parameters()]
+    fused = cpu_mlp.moe_mlp(experts, x, plan(topk, gates, 4))
+    grads = torch.autograd.grad((fused * weight).sum(), inputs)
+    p = plan(topk, gates, 4)
+    unfused = combine(run_mlp_experts(experts, dispatch(x, p), p, "loop"), p)
+    assert fused.dtype == unfused.dtype == dtype
+    tol = {} if dtype == torch.float64 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(fused, unfused, **tol)
+    for g, ref in zip(grads, torch.autograd.grad((unfused * weight).sum(), inputs)):
+        assert g.dtype == ref.dtype
+        torch.testing.assert_close(g, ref, **tol)
+    idle = [g for i, g in enumerate(grads[2:]) if i // 4 in (1, 3)]  # 4 parameters per expert
     assert len(idle) == 8 and all(torch.count_nonzero(g) == 0 for g in idle)
+
+
+def test_cpu_moe_mlp_with_frozen_experts_gives_the_inputs_their_gradients():
+    """Tuning only routers and heads (a new task): the experts' weights take no gradient, and the
+    tokens' and gates' gradients are those of the general path."""
+    torch.manual_seed(0)
+    experts = torch.nn.ModuleList(Mlp(6, 10) for _ in range(3)).requires_grad_(False)
+    gates = torch.rand(4, 2, requires_grad=True)
+    x = torch.randn(4, 6, requires_grad=True)
+    topk = torch.tensor([[0, 1], [1, 0], [0, 1], [2, 0]])
+    weight = torch.randn(4, 6)
+    fused = cpu_mlp.moe_mlp(experts, x, plan(topk, gates, 3))
+    p = plan(topk, gates, 3)
+    unfused = combine(run_mlp_experts(experts, dispatch(x, p), p, "loop"), p)
+    for g, ref in zip(torch.autograd.grad((fused * weight).sum(), [x, gates]),
+                      torch.autograd.grad((unfused * weight).sum(), [x, gates])):
+        torch.testing.assert_close(g, ref)
+    assert all(q.grad is None for q in experts.parameters())

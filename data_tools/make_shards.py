@@ -103,6 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _writer_pool(workers: int, resizes: bool) -> Pool:
+    """The writers, whose pool threads leave Ctrl-C to the main thread.
+
+    The kernel hands a process-wide signal to any thread that does not block it. Taken by one of
+    the pool's threads, it leaves the main thread asleep in its wait for the next result, which a
+    stalled writer (a hung network file system) never sends: Ctrl-C did nothing. Threads and
+    workers inherit the signal mask of the thread that starts them, so SIGINT is blocked while the
+    pool starts (the workers ignore it anyway)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return Pool(workers, initializer=_init_writer, initargs=(resizes,))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -143,24 +158,25 @@ def main(argv=None) -> int:
         print(f"[{args.split}] shards {mine.start}..{mine.stop - 1}: {len(mine) - len(todo)} already done, "
               f"{len(todo)} to write")
         bar = tqdm(total=len(todo), unit="shard", desc=f"{args.split} shards", disable=args.no_progress)
-        skipped, writers = 0, [os.getpid()]
+        skipped, written, writers = 0, 0, [os.getpid()]  # written: bar.n stays 0 with the bar disabled
         try:
             if args.workers > 1 and len(todo) > 1:
-                with Pool(min(args.workers, len(todo)), initializer=_init_writer,
-                          initargs=(bool(args.resize),)) as pool:
+                with _writer_pool(min(args.workers, len(todo)), bool(args.resize)) as pool:
                     writers += [p.pid for p in pool._pool]  # Pool lists its workers nowhere public
                     for side in pool.imap_unordered(write_shard, todo):
                         skipped += len(side["skipped"])
+                        written += 1
                         bar.update()
             else:
                 for job in todo:
                     skipped += len(write_shard(job)["skipped"])
+                    written += 1
                     bar.update()
         except KeyboardInterrupt:
             bar.close()
             # the pool's exit terminated its workers; their unfinished files are theirs by pid
             removed = remove_unfinished(out, writers)
-            print(f"[{args.split}] interrupted: {bar.n} of {len(todo)} shards written, {removed} unfinished "
+            print(f"[{args.split}] interrupted: {written} of {len(todo)} shards written, {removed} unfinished "
                   "files removed; run the same command to resume", file=sys.stderr)
             return 130
         bar.close()

@@ -3,7 +3,9 @@ index and verification."""
 
 import json
 import os
+import signal
 import tarfile
+import threading
 from pathlib import Path
 
 from data_tools import make_shards, verify_shards
@@ -89,6 +91,52 @@ def test_interrupted_run_leaves_no_half_shard_and_resumes(mini_root, tmp_path):
             "--no-progress"]
     assert make_shards.main(args) == 0
     assert len(load_index(out / "train.index.json").shards) == 3
+
+
+def test_ctrl_c_reports_the_shards_written_and_removes_the_half_written_one(mini_root, tmp_path, monkeypatch,
+                                                                             capsys):
+    """Ctrl-C while the third of five shards is being written, with the progress bar off (whose count
+    stays 0): the message counts the two finished shards, the third's file is removed, and the
+    same command then finishes the run."""
+    out = tmp_path / "ctrl_c"
+    names = [f"train-{i:06d}.tar" for i in range(5)]
+    write = make_shards.write_shard
+
+    def interrupted_third(job):
+        if job.name == names[2]:
+            (out / f".{job.name}.{os.getpid()}.tmp").write_bytes(b"half written")
+            raise KeyboardInterrupt
+        return write(job)
+
+    args = ["--root", str(mini_root), "--out", str(out), "--samples-per-shard", "7", "--workers", "1",
+            "--no-progress"]
+    monkeypatch.setattr(make_shards, "write_shard", interrupted_third)
+    assert make_shards.main(args) == 130
+    assert "interrupted: 2 of 5 shards written, 1 unfinished files removed" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("*.tar")) == names[:2]
+    assert not list(out.glob(".*"))
+    monkeypatch.setattr(make_shards, "write_shard", write)
+    assert make_shards.main(args) == 0
+    assert len(load_index(out / "train.index.json").shards) == 5
+
+
+def _blocks_sigint(native_id: int) -> bool:
+    status = Path(f"/proc/self/task/{native_id}/status").read_text()
+    blocked = int(next(l for l in status.splitlines() if l.startswith("SigBlk:")).split()[1], 16)
+    return bool(blocked >> (signal.SIGINT - 1) & 1)
+
+
+def test_writer_pool_threads_leave_ctrl_c_to_the_main_thread():
+    """A Ctrl-C taken by one of the pool's threads left the main thread asleep waiting for a result
+    (a stalled writer never sends one): the pool's threads block SIGINT, the main thread does not."""
+    pool = make_shards._writer_pool(2, False)
+    try:
+        helpers = [pool._worker_handler, pool._task_handler, pool._result_handler]
+        assert all(_blocks_sigint(t.native_id) for t in helpers)
+        assert not _blocks_sigint(threading.get_native_id())
+    finally:
+        pool.terminate()
+        pool.join()
 
 
 def test_summary_reports_missing_unreadable_and_excluded(mini_root, tmp_path):

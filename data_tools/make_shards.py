@@ -64,9 +64,14 @@ def _init_writer(resizes: bool) -> None:
     """Set up a writer process of the pool.
 
     It ignores Ctrl-C (the terminal sends it to the whole process group): only the parent reacts, so
-    the user gets one line instead of a traceback per worker. Writers that resize do it with torch:
-    one thread each, or N workers x N threads oversubscribe the cores."""
+    the user gets one line instead of a traceback per worker. It dies on SIGTERM, which is how the
+    parent's pool ends a writer stuck in a read, even where make_shards itself was started with
+    SIGTERM ignored or blocked (both are inherited): the pool would wait for that writer forever.
+    Writers that resize do it with torch: one thread each, or N workers x N threads oversubscribe
+    the cores."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     if resizes:
         import torch
 

@@ -139,6 +139,23 @@ def test_writer_pool_threads_leave_ctrl_c_to_the_main_thread():
         pool.join()
 
 
+def test_writer_ignores_ctrl_c_and_dies_on_sigterm_even_if_started_with_it_ignored_and_blocked():
+    """The pool ends a writer stuck in a read with SIGTERM; one that inherited SIGTERM ignored or
+    blocked from make_shards' own parent would keep the pool waiting forever."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        make_shards._init_writer(False)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def test_summary_reports_missing_unreadable_and_excluded(mini_root, tmp_path):
     import shutil
 

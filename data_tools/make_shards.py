@@ -64,14 +64,9 @@ def _init_writer(resizes: bool) -> None:
     """Set up a writer process of the pool.
 
     It ignores Ctrl-C (the terminal sends it to the whole process group): only the parent reacts, so
-    the user gets one line instead of a traceback per worker. It dies on SIGTERM, which is how the
-    parent's pool ends a writer stuck in a read, even where make_shards itself was started with
-    SIGTERM ignored or blocked (both are inherited): the pool would wait for that writer forever.
-    Writers that resize do it with torch: one thread each, or N workers x N threads oversubscribe
-    the cores."""
+    the user gets one line instead of a traceback per worker. Writers that resize do it with torch:
+    one thread each, or N workers x N threads oversubscribe the cores."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     if resizes:
         import torch
 
@@ -106,21 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--index-only", action="store_true", help="write nothing but the index (all shards done)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
-
-
-def _writer_pool(workers: int, resizes: bool) -> Pool:
-    """The writers, whose pool threads leave Ctrl-C to the main thread.
-
-    The kernel hands a process-wide signal to any thread that does not block it. Taken by one of
-    the pool's threads, it leaves the main thread asleep in its wait for the next result, which a
-    stalled writer (a hung network file system) never sends: Ctrl-C did nothing. Threads and
-    workers inherit the signal mask of the thread that starts them, so SIGINT is blocked while the
-    pool starts (the workers ignore it anyway)."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        return Pool(workers, initializer=_init_writer, initargs=(resizes,))
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def main(argv=None) -> int:
@@ -166,7 +146,8 @@ def main(argv=None) -> int:
         skipped, written, writers = 0, 0, [os.getpid()]  # written: bar.n stays 0 with the bar disabled
         try:
             if args.workers > 1 and len(todo) > 1:
-                with _writer_pool(min(args.workers, len(todo)), bool(args.resize)) as pool:
+                with Pool(min(args.workers, len(todo)), initializer=_init_writer,
+                          initargs=(bool(args.resize),)) as pool:
                     writers += [p.pid for p in pool._pool]  # Pool lists its workers nowhere public
                     for side in pool.imap_unordered(write_shard, todo):
                         skipped += len(side["skipped"])

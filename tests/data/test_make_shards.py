@@ -3,9 +3,7 @@ index and verification."""
 
 import json
 import os
-import signal
 import tarfile
-import threading
 from pathlib import Path
 
 from data_tools import make_shards, verify_shards
@@ -118,42 +116,6 @@ def test_ctrl_c_reports_the_shards_written_and_removes_the_half_written_one(mini
     monkeypatch.setattr(make_shards, "write_shard", write)
     assert make_shards.main(args) == 0
     assert len(load_index(out / "train.index.json").shards) == 5
-
-
-def _blocks_sigint(native_id: int) -> bool:
-    status = Path(f"/proc/self/task/{native_id}/status").read_text()
-    blocked = int(next(l for l in status.splitlines() if l.startswith("SigBlk:")).split()[1], 16)
-    return bool(blocked >> (signal.SIGINT - 1) & 1)
-
-
-def test_writer_pool_threads_leave_ctrl_c_to_the_main_thread():
-    """A Ctrl-C taken by one of the pool's threads left the main thread asleep waiting for a result
-    (a stalled writer never sends one): the pool's threads block SIGINT, the main thread does not."""
-    pool = make_shards._writer_pool(2, False)
-    try:
-        helpers = [pool._worker_handler, pool._task_handler, pool._result_handler]
-        assert all(_blocks_sigint(t.native_id) for t in helpers)
-        assert not _blocks_sigint(threading.get_native_id())
-    finally:
-        pool.terminate()
-        pool.join()
-
-
-def test_writer_ignores_ctrl_c_and_dies_on_sigterm_even_if_started_with_it_ignored_and_blocked():
-    """The pool ends a writer stuck in a read with SIGTERM; one that inherited SIGTERM ignored or
-    blocked from make_shards' own parent would keep the pool waiting forever."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        make_shards._init_writer(False)
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def test_summary_reports_missing_unreadable_and_excluded(mini_root, tmp_path):

@@ -105,6 +105,7 @@ def run_case(case: str, out: Path, rank: int, world: int) -> dict:
     cfg1 = config(case, 1, resharded)
     engine1 = build_engine(cfg1, ds_config_for_run(cfg1))
     position, extra = checkpoint.load_latest(engine1, resharded / "checkpoints", layout(cfg1, world))
+    dist.barrier()  # the save below replaces the step folder the other rank may still be loading from
     checkpoint.save(engine1, resharded / "checkpoints", position, extra, keep=1, layout=layout(cfg1, world))
     write_reference(engine1, zero, resharded / f"reference_rank{rank}.pt")
     dist.barrier()

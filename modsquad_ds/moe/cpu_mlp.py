@@ -68,10 +68,10 @@ class _MoEMlp(torch.autograd.Function):
         grad_x_SD = torch.empty_like(y_SO)  # each slot's input gradient, summed per token at the end
         grad_gates_S = y_SO.new_empty(gates_S.shape)  # in the activations' dtype, as combine's backward
         g_buf = grad_ND.new_empty(max(counts), grad_ND.shape[1])
-        x_buf = torch.empty_like(g_buf)
         gates_S1 = gates_S.to(y_SO.dtype).unsqueeze(1)
         chunks = _by_expert(counts, token_idx_S, gates_S1, h_SH, y_SO, grad_x_SD, grad_gates_S)
         want_params = any(ctx.needs_input_grad[7:])  # not when only routers and heads train (new tasks)
+        x_buf = x_ND.new_empty(max(counts), x_ND.shape[1]) if want_params else None  # tokens, gathered again
         grads = []
         for e, (n, idx, gate, h, y, grad_x, grad_gate) in enumerate(zip(counts, *chunks)):
             w1, b1, w2, b2 = params[4 * e:4 * e + 4]

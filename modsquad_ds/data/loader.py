@@ -29,7 +29,7 @@ from modsquad_ds.data.sample import SampleProcessor
 from modsquad_ds.data.shard_index import index_path, load_index
 from modsquad_ds.data.subset import subset_positions, subset_shards
 from modsquad_ds.data.wds_pipeline import ShardStream
-from modsquad_ds.data.worker_signals import stop_signals_blocked, worker_init
+from modsquad_ds.data.worker_signals import starting_workers, worker_init
 
 log = logging.getLogger("modsquad_ds.data")
 
@@ -56,7 +56,7 @@ class EpochLoader:
     def start(self) -> "EpochLoader":
         """Start the workers now; iterating later takes the batches they have prepared meanwhile."""
         if self._started is None:
-            with stop_signals_blocked():  # workers start here: see worker_signals
+            with starting_workers():  # workers fork here: see worker_signals
                 self._started = iter(self.dataloader)
         return self
 

@@ -15,19 +15,31 @@ So workers ignore SIGTERM and SIGINT, and end with their parent instead:
 - the DataLoader's own watchdog (``torch.utils.data._utils.worker.ManagerWatchdog``) also ends a
   worker whose parent is gone, within ``MP_STATUS_CHECK_INTERVAL`` (5 s), on any platform.
 A stop signal arriving while workers are being forked would kill a child that has not yet set its
-handlers: :func:`stop_signals_blocked` holds SIGTERM/SIGINT blocked in the rank's main thread while
+handlers: :func:`starting_workers` holds SIGTERM/SIGINT blocked in the rank's main thread while
 the workers start (a forked child inherits the mask and unblocks once it ignores them; the rank
 receives the held signal right after).
+
+Ignoring SIGTERM has one more consequence, at interpreter exit. multiprocessing's exit hook ends
+the daemon children still running with SIGTERM and then joins them; the DataLoader shuts its
+workers down on its own only when its iterator is released. An iterator still alive at exit (a
+program that leaves mid-epoch, a traceback that holds the iterator's frame) would leave workers that
+ignore the SIGTERM, and a join that never returns: the program hangs after its last line. So
+:func:`starting_workers` remembers the workers it saw start, and an exit hook that runs before
+multiprocessing's kills those still alive.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import ctypes.util
+import multiprocessing
+import multiprocessing.util  # registers multiprocessing's exit hook before ours: see _end_workers
 import os
 import signal
 import sys
+import weakref
 from typing import Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -54,11 +66,35 @@ def worker_init(parent_pid: int, worker_id: int = 0) -> None:
         os._exit(0)
 
 
+# The workers started by this process (a weak set: multiprocessing holds a started child until it
+# is joined, so a worker that was shut down and joined leaves the set by itself).
+_workers: "weakref.WeakSet[multiprocessing.process.BaseProcess]" = weakref.WeakSet()
+os.register_at_fork(after_in_child=_workers.clear)  # a forked child's children are its own
+
+
 @contextlib.contextmanager
-def stop_signals_blocked() -> Iterator[None]:
-    """Hold SIGTERM/SIGINT in this thread while DataLoader workers are forked (see module doc)."""
+def starting_workers() -> Iterator[None]:
+    """Fork DataLoader workers inside this: SIGTERM/SIGINT are held in this thread while they start,
+    and the new children are remembered for the exit hook (see module doc)."""
+    before = set(multiprocessing.active_children())
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _workers.update(p for p in multiprocessing.active_children() if p not in before)
+
+
+def _end_workers() -> None:
+    """At interpreter exit, kill the workers still alive: they ignore the SIGTERM that
+    multiprocessing's own exit hook would end them with before joining them. atexit runs hooks
+    last-in first-out, and multiprocessing.util registered its hook when it was imported above."""
+    workers = list(_workers)
+    for p in workers:
+        if p.is_alive():
+            p.kill()
+    for p in workers:
+        p.join(timeout=5)
+
+
+atexit.register(_end_workers)

@@ -227,3 +227,33 @@ def test_loader_batches_feed_the_model(all_shards):
     loss, _ = objective(model(batch["image"]), batch)
     loss.backward()
     assert torch.isfinite(loss)
+
+
+EXITS_MID_EPOCH = """
+import multiprocessing, sys
+sys.path.insert(0, {helpers!r})
+from data_helpers import cfg_for
+from modsquad_ds.data.loader import build_train_loader
+
+batches = iter(build_train_loader(cfg_for({shards!r}, batch_size=2, workers=2), 0, 1, epoch=0))
+next(batches)  # the workers are running and the iterator stays alive to the end
+print(*(p.pid for p in multiprocessing.active_children()), flush=True)
+"""
+
+
+def test_a_program_ending_mid_epoch_exits_and_ends_its_workers(all_shards):
+    """Workers ignore SIGTERM, which multiprocessing's exit hook sends before joining them: without
+    worker_signals' own exit hook, this program hung after its last line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = EXITS_MID_EPOCH.format(helpers=str(Path(__file__).parent), shards=str(all_shards))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    workers = [int(pid) for pid in done.stdout.split()]
+    assert len(workers) == 2
+    for pid in workers:  # killed and reaped by the program, so no such process any more
+        assert not Path(f"/proc/{pid}").exists(), f"worker {pid} outlived its program"

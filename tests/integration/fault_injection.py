@@ -45,14 +45,23 @@ def env(**extra: str) -> dict[str, str]:
     return e
 
 
+# Starts a command with SIGINT at its default disposition, as a terminal's foreground job has it. A
+# test run started in the background by a shell without job control (`make test &` in a script, CI
+# steps) ignores SIGINT, and an ignored signal stays ignored through fork and exec: Python then
+# installs no KeyboardInterrupt handler, and Ctrl-C tests of make_shards failed in such runs only.
+AS_FOREGROUND = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                 "os.execvp(sys.argv[1], sys.argv[1:])"]
+
+
 class Proc:
-    """A command in its own session, output to a file (so a test can read it while it runs)."""
+    """A command in its own session, as if typed in a terminal, output to a file (so a test can read
+    it while it runs)."""
 
     def __init__(self, cmd: list[str], log: Path, environ: dict | None = None):
         self.log = log
         self._out = open(log, "w")
         self.started = time.monotonic()
-        self.p = subprocess.Popen(cmd, cwd=REPO, env=environ or env(), stdout=self._out,
+        self.p = subprocess.Popen(AS_FOREGROUND + cmd, cwd=REPO, env=environ or env(), stdout=self._out,
                                   stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
@@ -434,8 +443,6 @@ def scenario_make_shards_interrupt(report: Report, shards: Path, work: Path) -> 
     On a data set of its own, 400 views: the shared one's 36 were all written within ~0.1 s, and on a
     busy machine the interrupt sometimes landed after the last one (exit 0, nothing to test). Only a
     shard's temporary file says a shard is being written: the index is written through one too.
-    (A FIFO among the source files, to stall one writer for sure, left make_shards hanging after
-    the interrupt, in full test runs only; the cause was not found.)
     """
     from data_tools.mini_taskonomy import generate
 

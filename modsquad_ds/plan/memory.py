@@ -163,7 +163,7 @@ def activation_bytes_per_image(cfg, dtype: str = "fp32", capacity_factor: float 
     busiest expert's token count; 1.0 is perfectly balanced routing (C = k S / E). At ep_size 1 the
     MoE MLP layers run the dropless local dispatch (moe/layer.dropless_moe): exactly k S rows, and
     on ``device`` "cpu" dispatch, experts and combine expert by expert (moe/cpu_mlp.py), which keeps
-    the GELU's input but neither its output nor the gathered token copies.
+    the GELU's input but not its output, the gathered token copies nor the expert outputs.
     """
     s = shapes(cfg)
     a = DTYPE_BYTES[dtype]
@@ -199,11 +199,11 @@ def activation_bytes_per_image(cfg, dtype: str = "fp32", capacity_factor: float 
             buf = r * k * (1.0 if local else capacity_factor)
             total += _router(r, d, s.mlp_e, k, a, noisy)
             total += r * d * a                      # LayerNorm 2 output
-            if local and device == "cpu":           # moe/cpu_mlp.py gathers the tokens and recomputes the GELU
-                total += buf * h * a                # in backward: the GELU input only
+            if local and device == "cpu":           # moe/cpu_mlp.py gathers the tokens, recomputes the GELU
+                total += buf * h * a                # and the gates' gradient in backward: the GELU input only
             else:
                 total += buf * (d + 2 * h) * a      # expert fc1 input, GELU input and output
-            total += r * k * d * a                  # expert outputs (saved by the combine / gate multiply)
+                total += r * k * d * a              # expert outputs (saved by the combine / gate multiply)
             # gates; slot tokens and the inverse order (local), or the slots of _sparse_decode
             total += r * k * (f + (2 if local else 1) * i64)
         else:

@@ -181,3 +181,22 @@ def test_cpu_moe_mlp_with_frozen_experts_gives_the_inputs_their_gradients():
                       torch.autograd.grad((unfused * weight).sum(), [x, gates])):
         torch.testing.assert_close(g, ref)
     assert all(q.grad is None for q in experts.parameters())
+
+
+def test_cpu_moe_mlp_keeps_only_the_gelu_input_per_slot():
+    """What the one-pass path saves for backward, counted by the planner's own measure: the tokens,
+    the plan's gates, token ids and slot order, and one (S, hidden) tensor, the GELU's input; no
+    token copies, no GELU output and no expert outputs (the general path keeps all three)."""
+    from modsquad_ds.plan.measure import saved_bytes
+
+    torch.manual_seed(0)
+    n, d, hidden, e, k = 64, 8, 12, 4, 2
+    experts = torch.nn.ModuleList(Mlp(d, hidden) for _ in range(e))
+    x = torch.randn(n, d, requires_grad=True)
+    p = plan(torch.rand(n, e).topk(k, dim=1).indices, torch.rand(n, k, requires_grad=True), e)
+    kept = saved_bytes(lambda: cpu_mlp.moe_mlp(experts, x, p), experts.parameters())
+    plan_rows = sum(t.untyped_storage().nbytes() for t in (p.gates, p.token_idx, p.inverse))
+    assert kept == x.untyped_storage().nbytes() + plan_rows + n * k * hidden * 4
+    general = saved_bytes(lambda: combine(run_mlp_experts(experts, dispatch(x, p), p, "loop"), p),
+                          experts.parameters())
+    assert general - kept >= n * k * (d + hidden + d) * 4

@@ -23,11 +23,11 @@ Check the result with: python -m data_tools.verify_shards --index /data/shards/t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import sys
-from multiprocessing import Pool
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -35,8 +35,9 @@ if __package__ in (None, ""):
 
 from tqdm import tqdm  # noqa: E402
 
-from data_tools.sharding import (is_finished, make_plan, remove_unfinished, try_write_index,  # noqa: E402
-                                 write_shard)
+from data_tools.sharding import is_finished, make_plan, remove_unfinished, try_write_index  # noqa: E402
+from data_tools.stopping import Stopped, StopSignals  # noqa: E402
+from data_tools.writers import write_all  # noqa: E402
 from modsquad_ds.config.schema import PAPER_TASKS  # noqa: E402
 from modsquad_ds.data.layout import read_split_csv  # noqa: E402
 from modsquad_ds.data.sample import needed_domains  # noqa: E402
@@ -58,19 +59,6 @@ def job_range(n: int, job_index: int, num_jobs: int) -> range:
     lo = n * job_index // num_jobs
     hi = n * (job_index + 1) // num_jobs
     return range(lo, hi)
-
-
-def _init_writer(resizes: bool) -> None:
-    """Set up a writer process of the pool.
-
-    It ignores Ctrl-C (the terminal sends it to the whole process group): only the parent reacts, so
-    the user gets one line instead of a traceback per worker. Writers that resize do it with torch:
-    one thread each, or N workers x N threads oversubscribe the cores."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if resizes:
-        import torch
-
-        torch.set_num_threads(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,31 +128,31 @@ def main(argv=None) -> int:
         mine = (parse_range(args.shard_range, len(plan.shards)) if args.shard_range
                 else job_range(len(plan.shards), args.job_index, args.num_jobs))
         todo = [plan.shards[i] for i in mine if not is_finished(out, plan.shards[i].name)]
+        names = [job.name for job in todo]
         print(f"[{args.split}] shards {mine.start}..{mine.stop - 1}: {len(mine) - len(todo)} already done, "
               f"{len(todo)} to write")
+        stale = remove_unfinished(out, names)
+        if stale:
+            print(f"[{args.split}] removed {stale} unfinished files of an earlier run")
         bar = tqdm(total=len(todo), unit="shard", desc=f"{args.split} shards", disable=args.no_progress)
-        skipped, written, writers = 0, 0, [os.getpid()]  # written: bar.n stays 0 with the bar disabled
-        try:
-            if args.workers > 1 and len(todo) > 1:
-                with Pool(min(args.workers, len(todo)), initializer=_init_writer,
-                          initargs=(bool(args.resize),)) as pool:
-                    writers += [p.pid for p in pool._pool]  # Pool lists its workers nowhere public
-                    for side in pool.imap_unordered(write_shard, todo):
-                        skipped += len(side["skipped"])
-                        written += 1
-                        bar.update()
-            else:
-                for job in todo:
-                    skipped += len(write_shard(job)["skipped"])
+        skipped, written = 0, 0  # written: bar.n stays 0 with the bar disabled
+        writing = write_all(todo, args.workers, bool(args.resize))
+        try:  # writers ignore Ctrl-C and SIGTERM: only this process reacts, and ends them
+            with StopSignals() as stop, contextlib.closing(writing) as sidecars:
+                for side in sidecars:
+                    skipped += len(side["skipped"])
                     written += 1
                     bar.update()
-        except KeyboardInterrupt:
+                    stop.check()
+                stop.check()
+        except (KeyboardInterrupt, Stopped) as stopped:
             bar.close()
-            # the pool's exit terminated its workers; their unfinished files are theirs by pid
-            removed = remove_unfinished(out, writers)
-            print(f"[{args.split}] interrupted: {written} of {len(todo)} shards written, {removed} unfinished "
+            # closing write_all has killed the writers; what they left half-written goes
+            removed = remove_unfinished(out, names)
+            how = "stopped by SIGTERM" if isinstance(stopped, Stopped) else "interrupted"
+            print(f"[{args.split}] {how}: {written} of {len(todo)} shards written, {removed} unfinished "
                   "files removed; run the same command to resume", file=sys.stderr)
-            return 130
+            return 128 + (signal.SIGTERM if isinstance(stopped, Stopped) else signal.SIGINT)
         bar.close()
         if skipped:
             print(f"[{args.split}] {skipped} samples had unreadable files and were left out "

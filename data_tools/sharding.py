@@ -142,11 +142,13 @@ def is_finished(out_dir: str | Path, name: str) -> bool:
         return False
 
 
-def remove_unfinished(out_dir: str | Path, pids: list[int]) -> int:
-    """Delete the temporary files of interrupted writers (their names carry the writer's pid)."""
+def remove_unfinished(out_dir: str | Path, names: list[str]) -> int:
+    """Delete the temporary files of the shards ``names`` (``.{name}.{writer pid}.tmp`` and its
+    sidecar's ``.json``): an interrupted run's, or a killed one's, found when the same job resumes.
+    Each shard belongs to one job of an array, so no other job writes these."""
     removed = 0
-    for pid in pids:
-        for leftover in [*Path(out_dir).glob(f".*.{pid}.tmp"), *Path(out_dir).glob(f".*.{pid}.json")]:
+    for name in names:
+        for leftover in [*Path(out_dir).glob(f".{name}.*.tmp"), *Path(out_dir).glob(f".{name}.*.json")]:
             leftover.unlink(missing_ok=True)
             removed += 1
     return removed

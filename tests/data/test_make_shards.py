@@ -3,10 +3,13 @@ index and verification."""
 
 import json
 import os
+import signal
 import tarfile
 from pathlib import Path
 
-from data_tools import make_shards, verify_shards
+import pytest
+
+from data_tools import make_shards, verify_shards, writers
 from data_tools.sharding import make_plan
 from modsquad_ds.data.layout import SampleId, read_split_csv, scan_release
 from modsquad_ds.data.shard_index import load_index
@@ -81,14 +84,17 @@ def test_resume_skips_finished_shards_and_jobs_partition_the_work(mini_root, all
     assert a == b
 
 
-def test_interrupted_run_leaves_no_half_shard_and_resumes(mini_root, tmp_path):
+def test_a_killed_runs_half_shards_are_removed_when_it_resumes(mini_root, tmp_path, capsys):
     out = tmp_path / "interrupted"
     out.mkdir()
-    (out / ".train-000000.tar.123.tmp").write_bytes(b"half written")  # a killed writer's leftovers
+    (out / ".train-000000.tar.123.tmp").write_bytes(b"half written")  # a SIGKILLed writer's leftovers
+    (out / ".train-000001.tar.123.json").write_text("{")
     args = ["--root", str(mini_root), "--out", str(out), "--samples-per-shard", "10", "--workers", "1",
             "--no-progress"]
     assert make_shards.main(args) == 0
+    assert "removed 2 unfinished files of an earlier run" in capsys.readouterr().out
     assert len(load_index(out / "train.index.json").shards) == 3
+    assert not list(out.glob(".*"))
 
 
 def test_ctrl_c_reports_the_shards_written_and_removes_the_half_written_one(mini_root, tmp_path, monkeypatch,
@@ -98,7 +104,7 @@ def test_ctrl_c_reports_the_shards_written_and_removes_the_half_written_one(mini
     same command then finishes the run."""
     out = tmp_path / "ctrl_c"
     names = [f"train-{i:06d}.tar" for i in range(5)]
-    write = make_shards.write_shard
+    write = writers.write_shard
 
     def interrupted_third(job):
         if job.name == names[2]:
@@ -108,12 +114,12 @@ def test_ctrl_c_reports_the_shards_written_and_removes_the_half_written_one(mini
 
     args = ["--root", str(mini_root), "--out", str(out), "--samples-per-shard", "7", "--workers", "1",
             "--no-progress"]
-    monkeypatch.setattr(make_shards, "write_shard", interrupted_third)
+    monkeypatch.setattr(writers, "write_shard", interrupted_third)
     assert make_shards.main(args) == 130
     assert "interrupted: 2 of 5 shards written, 1 unfinished files removed" in capsys.readouterr().err
     assert sorted(p.name for p in out.glob("*.tar")) == names[:2]
     assert not list(out.glob(".*"))
-    monkeypatch.setattr(make_shards, "write_shard", write)
+    monkeypatch.setattr(writers, "write_shard", write)
     assert make_shards.main(args) == 0
     assert len(load_index(out / "train.index.json").shards) == 5
 
@@ -158,3 +164,31 @@ def test_plan_is_deterministic_in_seed(mini_root, tmp_path):
     b = make_plan(mini_root, tmp_path, "train", ["rgb"], None, seed=1, samples_per_shard=5)
     c = make_plan(mini_root, tmp_path, "train", ["rgb"], None, seed=2, samples_per_shard=5)
     assert a.plan_hash == b.plan_hash != c.plan_hash
+
+
+def test_sigterm_stops_like_ctrl_c_with_exit_143(mini_root, tmp_path, capsys):
+    """Slurm's scancel and time limit send SIGTERM: a real one, while the second of five shards is
+    being written, ends the run with one line, its half shard removed, exit 128 + 15; the handler
+    is put back; the same command then finishes the run."""
+    out = tmp_path / "sigterm"
+    names = [f"train-{i:06d}.tar" for i in range(5)]
+    write = writers.write_shard
+
+    def terminated_second(job):
+        if job.name == names[1]:
+            (out / f".{job.name}.{os.getpid()}.tmp").write_bytes(b"half written")
+            os.kill(os.getpid(), signal.SIGTERM)
+        return write(job)
+
+    args = ["--root", str(mini_root), "--out", str(out), "--samples-per-shard", "7", "--workers", "1",
+            "--no-progress"]
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(writers, "write_shard", terminated_second)
+        assert make_shards.main(args) == 143
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert "stopped by SIGTERM: 1 of 5 shards written, 1 unfinished files removed" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("*.tar")) == names[:1]
+    assert not list(out.glob(".*"))
+    assert make_shards.main(args) == 0
+    assert len(load_index(out / "train.index.json").shards) == 5

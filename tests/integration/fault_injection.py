@@ -438,7 +438,8 @@ def scenario_shard_vanishes(report: Report, shards: Path, work: Path) -> None:
 
 
 def scenario_make_shards_interrupt(report: Report, shards: Path, work: Path) -> None:
-    """Ctrl-C (SIGINT to the whole foreground group, as a terminal sends it) while shards are written.
+    """Ctrl-C (SIGINT to the whole foreground group, as a terminal sends it) and SIGTERM to the whole
+    group (as Slurm's scancel and time limit send it) while shards are written.
 
     On a data set of its own, 400 views: the shared one's 36 were all written within ~0.1 s, and on a
     busy machine the interrupt sometimes landed after the last one (exit 0, nothing to test). Only a
@@ -448,24 +449,27 @@ def scenario_make_shards_interrupt(report: Report, shards: Path, work: Path) -> 
 
     raw = work / "many_views"
     generate(raw, buildings=4, points=10, views=10, resolution=32, seed=2, workers=2, progress=False)
-    out = work / "interrupted_shards"
-    proc = Proc([sys.executable, "-m", "data_tools.make_shards", "--root", str(raw), "--out", str(out),
-                 "--split", "train", "--samples-per-shard", "1", "--workers", "2", "--no-progress"],
-                work / "make_shards.log")
-    try:
-        wait_until(lambda: out.is_dir() and any(out.glob(".train-*.tmp")), "a shard being written", proc, 60, 0.005)
-        t0 = time.monotonic()
-        os.killpg(proc.p.pid, signal.SIGINT)
-        code = proc.wait(60)
-        seconds = time.monotonic() - t0
-    finally:
-        proc.kill()
-    output = proc.output
-    leftovers = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
-    tail = [l for l in output.splitlines() if "] interrupted:" in l]
-    ok = code == 130 and len(tail) == 1 and "Traceback" not in output and not leftovers
-    report.check("Ctrl-C in make_shards", ok, (tail[0] if tail else f"exit {code}") +
-                 (f"; left {leftovers}" if leftovers else ""), seconds, output)
+    for case, sig, code_wanted, said in (("Ctrl-C in make_shards", signal.SIGINT, 130, "] interrupted:"),
+                                         ("SIGTERM to make_shards", signal.SIGTERM, 143, "] stopped by SIGTERM:")):
+        out = work / f"shards_{sig.name}"
+        proc = Proc([sys.executable, "-m", "data_tools.make_shards", "--root", str(raw), "--out", str(out),
+                     "--split", "train", "--samples-per-shard", "1", "--workers", "2", "--no-progress"],
+                    work / f"make_shards_{sig.name}.log")
+        try:
+            wait_until(lambda: out.is_dir() and any(out.glob(".train-*.tmp")), "a shard being written", proc,
+                       60, 0.005)
+            t0 = time.monotonic()
+            os.killpg(proc.p.pid, sig)
+            code = proc.wait(60)
+            seconds = time.monotonic() - t0
+        finally:
+            proc.kill()
+        output = proc.output
+        leftovers = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+        tail = [line for line in output.splitlines() if said in line]
+        ok = code == code_wanted and len(tail) == 1 and "Traceback" not in output and not leftovers
+        report.check(case, ok, (tail[0] if tail else f"exit {code}") + (f"; left {leftovers}" if leftovers else ""),
+                     seconds, output)
 
 
 SCENARIOS = {

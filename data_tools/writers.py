@@ -28,6 +28,11 @@ from data_tools.sharding import ShardJob, write_shard
 from modsquad_ds.data.worker_signals import starting_workers, worker_init
 
 
+# Forked: the writers must start with the parent's signal mask (see worker_signals), which a
+# spawned or forkserver child does not inherit (forkserver is Python 3.14's default on Linux).
+_FORK = multiprocessing.get_context("fork")
+
+
 class WriterFailed(RuntimeError):
     """A writer raised (its traceback is the message) or died while writing a shard."""
 
@@ -38,15 +43,15 @@ def write_all(jobs: Sequence[ShardJob], workers: int, resizes: bool) -> Iterator
         for job in jobs:
             yield write_shard(job)
         return
-    procs: list[multiprocessing.Process] = []
+    procs: list[multiprocessing.process.BaseProcess] = []
     busy: dict[Connection, ShardJob] = {}  # each writer's pipe and the shard it is writing
     pending = iter(jobs)
     finished = False
     try:
         with starting_workers():
             for _ in range(min(workers, len(jobs))):
-                ours, theirs = multiprocessing.Pipe()
-                proc = multiprocessing.Process(target=_writer, args=(theirs, os.getpid(), resizes), daemon=True)
+                ours, theirs = _FORK.Pipe()
+                proc = _FORK.Process(target=_writer, args=(theirs, os.getpid(), resizes), daemon=True)
                 proc.start()
                 theirs.close()
                 procs.append(proc)

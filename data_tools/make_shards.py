@@ -35,9 +35,10 @@ if __package__ in (None, ""):
 
 from tqdm import tqdm  # noqa: E402
 
-from data_tools.sharding import is_finished, make_plan, remove_unfinished, try_write_index  # noqa: E402
+from data_tools.sharding import (is_finished, make_plan, remove_unfinished, try_write_index,  # noqa: E402
+                                 write_shard)
 from data_tools.stopping import Stopped, StopSignals  # noqa: E402
-from data_tools.writers import write_all  # noqa: E402
+from data_tools.worker_pool import imap_unordered  # noqa: E402
 from modsquad_ds.config.schema import PAPER_TASKS  # noqa: E402
 from modsquad_ds.data.layout import read_split_csv  # noqa: E402
 from modsquad_ds.data.sample import needed_domains  # noqa: E402
@@ -59,6 +60,13 @@ def job_range(n: int, job_index: int, num_jobs: int) -> range:
     lo = n * job_index // num_jobs
     hi = n * (job_index + 1) // num_jobs
     return range(lo, hi)
+
+
+def _one_torch_thread() -> None:
+    """Writers that resize do it with torch: one thread each, or N writers x N threads oversubscribe."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,10 +144,11 @@ def main(argv=None) -> int:
             print(f"[{args.split}] removed {stale} unfinished files of an earlier run")
         bar = tqdm(total=len(todo), unit="shard", desc=f"{args.split} shards", disable=args.no_progress)
         skipped, written = 0, 0  # written: bar.n stays 0 with the bar disabled
-        writing = write_all(todo, args.workers, bool(args.resize))
+        writing = imap_unordered(write_shard, todo, args.workers, setup=_one_torch_thread if args.resize else None,
+                                 describe=lambda job: f"writing {job.name}")
         try:  # writers ignore Ctrl-C and SIGTERM: only this process reacts, and ends them
             with StopSignals() as stop, contextlib.closing(writing) as sidecars:
-                for side in sidecars:
+                for _, side in sidecars:
                     skipped += len(side["skipped"])
                     written += 1
                     bar.update()
@@ -147,7 +156,7 @@ def main(argv=None) -> int:
                 stop.check()
         except (KeyboardInterrupt, Stopped) as stopped:
             bar.close()
-            # closing write_all has killed the writers; what they left half-written goes
+            # closing the pool has killed the writers; what they left half-written goes
             removed = remove_unfinished(out, names)
             how = "stopped by SIGTERM" if isinstance(stopped, Stopped) else "interrupted"
             print(f"[{args.split}] {how}: {written} of {len(todo)} shards written, {removed} unfinished "

@@ -13,9 +13,9 @@ with the split CSV in {out}/splits/ (bare-CR line endings, like the release).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from multiprocessing import Pool
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -24,6 +24,7 @@ if __package__ in (None, ""):
 from tqdm import tqdm  # noqa: E402
 
 from data_tools.release_io import encode_npy, encode_png  # noqa: E402
+from data_tools.worker_pool import imap_unordered  # noqa: E402
 from modsquad_ds.data.layout import SampleId, write_split_csv  # noqa: E402
 
 ALL_DOMAINS = ["rgb", "depth_zbuffer", "depth_euclidean", "normal", "reshading", "principal_curvature",
@@ -65,6 +66,11 @@ def split_of(i: int, n: int) -> str:
     return "train"
 
 
+def _view_name(job) -> str:
+    _, _, b, p, v, _, _ = job
+    return f"rendering {building_name(b)} point {p} view {v}"
+
+
 def generate(out: str | Path, *, buildings: int = 6, points: int = 4, views: int = 3, resolution: int = 64,
              seed: int = 0, workers: int = 1, domains: list[str] | None = None, progress: bool = True) -> Path:
     """Write the data set under ``out``; returns the split CSV's path. Deterministic in ``seed``."""
@@ -73,13 +79,8 @@ def generate(out: str | Path, *, buildings: int = 6, points: int = 4, views: int
     jobs = [(out, seed, b, p, v, resolution, domains)
             for b in range(buildings) for p in range(points) for v in range(views)]
     bar = tqdm(total=len(jobs), desc="mini-taskonomy", unit="view", disable=not progress)
-    if workers > 1:
-        with Pool(workers) as pool:
-            for _ in pool.imap_unordered(render_sample, jobs, chunksize=2):
-                bar.update()
-    else:
-        for job in jobs:
-            render_sample(job)
+    with contextlib.closing(imap_unordered(render_sample, jobs, workers, describe=_view_name)) as views:
+        for _ in views:
             bar.update()
     bar.close()
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
@@ -114,8 +115,12 @@ def main(argv=None) -> int:
     bad = [d for d in args.domains or [] if d not in ALL_DOMAINS]
     if bad:
         ap.error(f"unknown domains {bad}; known: {' '.join(ALL_DOMAINS)}")
-    csv = generate(args.out, buildings=args.buildings, points=args.points, views=args.views,
-                   resolution=args.resolution, seed=args.seed, workers=args.workers, domains=args.domains)
+    try:
+        csv = generate(args.out, buildings=args.buildings, points=args.points, views=args.views,
+                       resolution=args.resolution, seed=args.seed, workers=args.workers, domains=args.domains)
+    except KeyboardInterrupt:  # every file is written whole or not at all (render_sample)
+        print("interrupted; run the same command again to finish", file=sys.stderr)
+        return 130
     n = args.buildings * args.points * args.views
     print(f"wrote {n} views x {len(args.domains or ALL_DOMAINS)} domains under {args.out}; split file {csv}")
     return 0

@@ -11,11 +11,11 @@ every shard is good, 1 otherwise; each problem is printed on one line naming the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import sys
 import tarfile
-from multiprocessing import Pool
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -24,6 +24,7 @@ if __package__ in (None, ""):
 from tqdm import tqdm  # noqa: E402
 
 from data_tools.release_checks import check_sample  # noqa: E402
+from data_tools.worker_pool import imap_unordered  # noqa: E402
 from modsquad_ds.data.shard_index import ShardInfo, load_index  # noqa: E402
 from modsquad_ds.data.tar_reader import split_member_name  # noqa: E402
 
@@ -83,19 +84,14 @@ def check_shard(args: tuple[ShardInfo, list[str], bool]) -> list[str]:
 def verify(index_file: str | Path, decode: bool = False, workers: int = 1, progress: bool = True) -> list[str]:
     index = load_index(index_file)
     jobs = [(s, index.domains, decode) for s in index.shards]
-    problems: list[str] = []
+    found: dict[int, list[str]] = {}
     bar = tqdm(total=len(jobs), unit="shard", desc="verify", disable=not progress)
-    if workers > 1 and len(jobs) > 1:
-        with Pool(min(workers, len(jobs))) as pool:
-            for found in pool.imap(check_shard, jobs):
-                problems += found
-                bar.update()
-    else:
-        for job in jobs:
-            problems += check_shard(job)
+    checks = imap_unordered(check_shard, jobs, workers, describe=lambda job: f"checking {job[0].name}")
+    with bar, contextlib.closing(checks) as results:  # the bar ends its line before any message
+        for i, problems in results:
+            found[i] = problems
             bar.update()
-    bar.close()
-    return problems
+    return [problem for i in sorted(found) for problem in found[i]]  # in the index's shard order
 
 
 def main(argv=None) -> int:
@@ -112,6 +108,9 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: verification stopped; the shards are only read, nothing changed", file=sys.stderr)
+        return 130
     for p in problems:
         print(p)
     status = "OK" if not problems else f"{len(problems)} problems"

@@ -1,7 +1,7 @@
 """Loader workers outlive a stop request until their rank has saved, and never outlive the rank.
 
-(make_shards' writer processes, data_tools/writers.py, are started the same way: only their
-parent reacts to Ctrl-C and SIGTERM, and they never outlive it.)
+(The data tools' worker processes, data_tools/worker_pool.py, are started the same way: only
+their parent reacts to Ctrl-C and SIGTERM, and they never outlive it.)
 
 SIGTERM reaches loader workers with the rank whatever sends it: torchrun's agent kills each rank's
 whole session (``os.killpg``, torch/distributed/elastic/multiprocessing/subprocess_handler), the
@@ -77,7 +77,7 @@ os.register_at_fork(after_in_child=_workers.clear)  # a forked child's children 
 
 @contextlib.contextmanager
 def starting_workers() -> Iterator[None]:
-    """Fork workers inside this (a DataLoader's, make_shards' writers): SIGTERM/SIGINT are held in
+    """Fork workers inside this (a DataLoader's, the data tools'): SIGTERM/SIGINT are held in
     this thread while they start, and the new children are remembered for the exit hook (see module
     doc)."""
     before = set(multiprocessing.active_children())

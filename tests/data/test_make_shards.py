@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data_tools import make_shards, verify_shards, writers
+from data_tools import make_shards, verify_shards
 from data_tools.sharding import make_plan
 from modsquad_ds.data.layout import SampleId, read_split_csv, scan_release
 from modsquad_ds.data.shard_index import load_index
@@ -104,7 +104,7 @@ def test_ctrl_c_reports_the_shards_written_and_removes_the_half_written_one(mini
     same command then finishes the run."""
     out = tmp_path / "ctrl_c"
     names = [f"train-{i:06d}.tar" for i in range(5)]
-    write = writers.write_shard
+    write = make_shards.write_shard
 
     def interrupted_third(job):
         if job.name == names[2]:
@@ -114,12 +114,12 @@ def test_ctrl_c_reports_the_shards_written_and_removes_the_half_written_one(mini
 
     args = ["--root", str(mini_root), "--out", str(out), "--samples-per-shard", "7", "--workers", "1",
             "--no-progress"]
-    monkeypatch.setattr(writers, "write_shard", interrupted_third)
+    monkeypatch.setattr(make_shards, "write_shard", interrupted_third)
     assert make_shards.main(args) == 130
     assert "interrupted: 2 of 5 shards written, 1 unfinished files removed" in capsys.readouterr().err
     assert sorted(p.name for p in out.glob("*.tar")) == names[:2]
     assert not list(out.glob(".*"))
-    monkeypatch.setattr(writers, "write_shard", write)
+    monkeypatch.setattr(make_shards, "write_shard", write)
     assert make_shards.main(args) == 0
     assert len(load_index(out / "train.index.json").shards) == 5
 
@@ -172,7 +172,7 @@ def test_sigterm_stops_like_ctrl_c_with_exit_143(mini_root, tmp_path, capsys):
     is put back; the same command then finishes the run."""
     out = tmp_path / "sigterm"
     names = [f"train-{i:06d}.tar" for i in range(5)]
-    write = writers.write_shard
+    write = make_shards.write_shard
 
     def terminated_second(job):
         if job.name == names[1]:
@@ -184,7 +184,7 @@ def test_sigterm_stops_like_ctrl_c_with_exit_143(mini_root, tmp_path, capsys):
             "--no-progress"]
     before = signal.getsignal(signal.SIGTERM)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(writers, "write_shard", terminated_second)
+        mp.setattr(make_shards, "write_shard", terminated_second)
         assert make_shards.main(args) == 143
     assert signal.getsignal(signal.SIGTERM) is before
     assert "stopped by SIGTERM: 1 of 5 shards written, 1 unfinished files removed" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -470,6 +471,28 @@ def scenario_make_shards_interrupt(report: Report, shards: Path, work: Path) -> 
         ok = code == code_wanted and len(tail) == 1 and "Traceback" not in output and not leftovers
         report.check(case, ok, (tail[0] if tail else f"exit {code}") + (f"; left {leftovers}" if leftovers else ""),
                      seconds, output)
+
+    # Ctrl-C in verify_shards, once its progress bar shows a shard checked, on the finished shards
+    out = work / "shards_SIGINT"
+    code, output, _ = run([sys.executable, "-m", "data_tools.make_shards", "--root", str(raw), "--out", str(out),
+                           "--split", "train", "--samples-per-shard", "1", "--workers", "2", "--no-progress"],
+                          work / "make_shards_resumed.log", timeout_s=120)
+    assert code == 0, output[-2000:]
+    proc = Proc([sys.executable, "-m", "data_tools.verify_shards", "--index", str(out / "train.index.json"),
+                 "--decode", "--workers", "2"], work / "verify_shards.log")
+    try:
+        wait_until(lambda: re.search(r"verify: +\d+%\|.*\| *[1-9]\d*/400", proc.output), "a shard checked", proc,
+                   60, 0.005)
+        t0 = time.monotonic()
+        os.killpg(proc.p.pid, signal.SIGINT)
+        code = proc.wait(60)
+        seconds = time.monotonic() - t0
+    finally:
+        proc.kill()
+    output = proc.output
+    said = [line for line in output.splitlines() if line.startswith("interrupted:")]
+    report.check("Ctrl-C in verify_shards", code == 130 and len(said) == 1 and "Traceback" not in output,
+                 said[0] if said else f"exit {code}", seconds, output)
 
 
 SCENARIOS = {

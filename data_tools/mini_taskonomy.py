@@ -79,10 +79,10 @@ def generate(out: str | Path, *, buildings: int = 6, points: int = 4, views: int
     jobs = [(out, seed, b, p, v, resolution, domains)
             for b in range(buildings) for p in range(points) for v in range(views)]
     bar = tqdm(total=len(jobs), desc="mini-taskonomy", unit="view", disable=not progress)
-    with contextlib.closing(imap_unordered(render_sample, jobs, workers, describe=_view_name)) as views:
-        for _ in views:
+    rendering = imap_unordered(render_sample, jobs, workers, describe=_view_name)
+    with bar, contextlib.closing(rendering) as rendered:  # the bar ends its line before any message
+        for _ in rendered:
             bar.update()
-    bar.close()
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for b in range(buildings):
         splits[split_of(b, buildings)].append(building_name(b))

@@ -146,12 +146,21 @@ def remove_unfinished(out_dir: str | Path, names: list[str]) -> int:
     """Delete the temporary files of the shards ``names`` (``.{name}.{writer pid}.tmp`` and its
     sidecar's ``.json``): an interrupted run's, or a killed one's, found when the same job resumes.
     Each shard belongs to one job of an array, so no other job writes these."""
-    removed = 0
-    for name in names:
-        for leftover in [*Path(out_dir).glob(f".{name}.*.tmp"), *Path(out_dir).glob(f".{name}.*.json")]:
-            leftover.unlink(missing_ok=True)
-            removed += 1
+    wanted, removed = set(names), 0
+    with os.scandir(out_dir) as entries:  # one pass: an array's output folder holds all its shards
+        for entry in entries:
+            if _shard_of_temporary(entry.name) in wanted:
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
     return removed
+
+
+def _shard_of_temporary(filename: str) -> str | None:
+    """``NAME`` for a writer's temporary ``.NAME.PID.tmp`` or ``.NAME.PID.json``, else None."""
+    if not (filename.startswith(".") and filename.endswith((".tmp", ".json"))):
+        return None
+    name, _, _pid = filename[1:].rsplit(".", 1)[0].rpartition(".")
+    return name or None
 
 
 def write_shard(job: ShardJob) -> dict:

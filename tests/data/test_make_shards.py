@@ -97,27 +97,43 @@ def test_a_killed_runs_half_shards_are_removed_when_it_resumes(mini_root, tmp_pa
     assert not list(out.glob(".*"))
 
 
+FIVE_SHARDS = [f"train-{i:06d}.tar" for i in range(5)]  # the mini release's 30 views in shards of 7
+
+
+def _five_shards_args(mini_root, out) -> list[str]:
+    return ["--root", str(mini_root), "--out", str(out), "--samples-per-shard", "7", "--workers", "1",
+            "--no-progress"]
+
+
+def _stopping_at(out, name, stop):
+    """make_shards' write_shard, except that at shard ``name`` it leaves a half-written file, as a
+    writer stopped mid-shard would, and calls ``stop`` (raises, or sends a signal)."""
+    write = make_shards.write_shard
+
+    def write_or_stop(job):
+        if job.name == name:
+            (out / f".{job.name}.{os.getpid()}.tmp").write_bytes(b"half written")
+            stop()
+        return write(job)
+    return write_or_stop
+
+
+def _ctrl_c():
+    raise KeyboardInterrupt
+
+
 def test_ctrl_c_reports_the_shards_written_and_removes_the_half_written_one(mini_root, tmp_path, monkeypatch,
                                                                              capsys):
     """Ctrl-C while the third of five shards is being written, with the progress bar off (whose count
     stays 0): the message counts the two finished shards, the third's file is removed, and the
     same command then finishes the run."""
     out = tmp_path / "ctrl_c"
-    names = [f"train-{i:06d}.tar" for i in range(5)]
+    args = _five_shards_args(mini_root, out)
     write = make_shards.write_shard
-
-    def interrupted_third(job):
-        if job.name == names[2]:
-            (out / f".{job.name}.{os.getpid()}.tmp").write_bytes(b"half written")
-            raise KeyboardInterrupt
-        return write(job)
-
-    args = ["--root", str(mini_root), "--out", str(out), "--samples-per-shard", "7", "--workers", "1",
-            "--no-progress"]
-    monkeypatch.setattr(make_shards, "write_shard", interrupted_third)
+    monkeypatch.setattr(make_shards, "write_shard", _stopping_at(out, FIVE_SHARDS[2], _ctrl_c))
     assert make_shards.main(args) == 130
     assert "interrupted: 2 of 5 shards written, 1 unfinished files removed" in capsys.readouterr().err
-    assert sorted(p.name for p in out.glob("*.tar")) == names[:2]
+    assert sorted(p.name for p in out.glob("*.tar")) == FIVE_SHARDS[:2]
     assert not list(out.glob(".*"))
     monkeypatch.setattr(make_shards, "write_shard", write)
     assert make_shards.main(args) == 0
@@ -171,24 +187,15 @@ def test_sigterm_stops_like_ctrl_c_with_exit_143(mini_root, tmp_path, capsys):
     being written, ends the run with one line, its half shard removed, exit 128 + 15; the handler
     is put back; the same command then finishes the run."""
     out = tmp_path / "sigterm"
-    names = [f"train-{i:06d}.tar" for i in range(5)]
-    write = make_shards.write_shard
-
-    def terminated_second(job):
-        if job.name == names[1]:
-            (out / f".{job.name}.{os.getpid()}.tmp").write_bytes(b"half written")
-            os.kill(os.getpid(), signal.SIGTERM)
-        return write(job)
-
-    args = ["--root", str(mini_root), "--out", str(out), "--samples-per-shard", "7", "--workers", "1",
-            "--no-progress"]
+    args = _five_shards_args(mini_root, out)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(make_shards, "write_shard", terminated_second)
+        mp.setattr(make_shards, "write_shard",
+                   _stopping_at(out, FIVE_SHARDS[1], lambda: os.kill(os.getpid(), signal.SIGTERM)))
         assert make_shards.main(args) == 143
     assert signal.getsignal(signal.SIGTERM) is before
     assert "stopped by SIGTERM: 1 of 5 shards written, 1 unfinished files removed" in capsys.readouterr().err
-    assert sorted(p.name for p in out.glob("*.tar")) == names[:1]
+    assert sorted(p.name for p in out.glob("*.tar")) == FIVE_SHARDS[:1]
     assert not list(out.glob(".*"))
     assert make_shards.main(args) == 0
     assert len(load_index(out / "train.index.json").shards) == 5

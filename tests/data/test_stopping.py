@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _sigint import with_sigint
 
 from data_tools.stopping import Stopped, StopSignals
 
@@ -28,11 +29,8 @@ def test_sigterm_raises_stopped_and_check_raises_it_again():
 
 def _run(script: str, ignore_ctrl_c: bool = False) -> subprocess.CompletedProcess:
     """``script`` in a fresh interpreter started with SIGINT ignored or at its default."""
-    disposition = "SIG_IGN" if ignore_ctrl_c else "SIG_DFL"
-    wrapper = (f"import signal, os, sys; signal.signal(signal.SIGINT, signal.{disposition}); "
-               "os.execv(sys.executable, [sys.executable, '-c', sys.argv[1]])")
-    return subprocess.run([sys.executable, "-c", wrapper, textwrap.dedent(script)], capture_output=True,
-                          text=True, timeout=60, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    return subprocess.run(with_sigint([sys.executable, "-c", textwrap.dedent(script)], ignored=ignore_ctrl_c),
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
 
 
 def test_a_signal_during_a_fork_is_held_not_dropped():

@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "tests"):  # the package, and the tests' shared helpers when run as a script
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+from _sigint import with_sigint  # noqa: E402  (after the path is set)
 BIN = Path(sys.executable).parent
 EXIT_STOPPED = 3
 
@@ -46,23 +48,15 @@ def env(**extra: str) -> dict[str, str]:
     return e
 
 
-# Starts a command with SIGINT at its default disposition, as a terminal's foreground job has it. A
-# test run started in the background by a shell without job control (`make test &` in a script, CI
-# steps) ignores SIGINT, and an ignored signal stays ignored through fork and exec: Python then
-# installs no KeyboardInterrupt handler, and Ctrl-C tests of make_shards failed in such runs only.
-AS_FOREGROUND = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-                 "os.execvp(sys.argv[1], sys.argv[1:])"]
-
-
 class Proc:
-    """A command in its own session, as if typed in a terminal, output to a file (so a test can read
-    it while it runs)."""
+    """A command in its own session, as if typed in a terminal (Ctrl-C at its default: tests/_sigint.py),
+    output to a file (so a test can read it while it runs)."""
 
     def __init__(self, cmd: list[str], log: Path, environ: dict | None = None):
         self.log = log
         self._out = open(log, "w")
         self.started = time.monotonic()
-        self.p = subprocess.Popen(AS_FOREGROUND + cmd, cwd=REPO, env=environ or env(), stdout=self._out,
+        self.p = subprocess.Popen(with_sigint(cmd), cwd=REPO, env=environ or env(), stdout=self._out,
                                   stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
@@ -510,6 +504,9 @@ SCENARIOS = {
 
 def main(argv: list[str]) -> int:
     names = argv or list(SCENARIOS)
+    if any(name not in SCENARIOS for name in names):  # before minutes of data generation; also --help
+        print(f"{__doc__}\nscenarios: {', '.join(SCENARIOS)}")
+        return 0 if names in (["-h"], ["--help"]) else 2
     report = Report()
     with tempfile.TemporaryDirectory(prefix="modsquad-faults-") as tmp:
         shards = make_data(Path(tmp) / "mini")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from data_tools.release_checks import encoding_problems
 from data_tools.release_io import encode_png
 from modsquad_ds.data import decode, transforms
 from modsquad_ds.data.tasks import get_task
@@ -79,11 +80,14 @@ def _resize(domain: str, raw: np.ndarray, valid: np.ndarray | None, size: int) -
 def downscale_sample(files: dict[str, bytes], size: int) -> dict[str, bytes]:
     """{domain: release file bytes} -> the same domains at ``size`` x ``size`` (never enlarges).
 
-    Raises :class:`modsquad_ds.data.decode.DecodeError` for a file that does not decode, or when
-    the stored size is smaller than ``size``.
+    Raises :class:`modsquad_ds.data.decode.DecodeError` for a file that does not decode or breaks the
+    release encodings, or when the stored size is smaller than ``size``.
     """
     raw = {d: decode.decode_member("npy" if data.startswith(b"\x93NUMPY") else "png", data)
            for d, data in files.items()}
+    problems = encoding_problems(raw)  # e.g. an RGB saved as grey: the rules below assume the release's
+    if problems:
+        raise decode.DecodeError("; ".join(problems))
     valid = decode.depth_valid(raw["depth_zbuffer"]) if "depth_zbuffer" in raw else None
     if valid is None and any(_depth_masked(d) for d in raw):
         raise decode.DecodeError("depth-masked domains need depth_zbuffer in the sample to downscale")

@@ -35,24 +35,25 @@ if __package__ in (None, ""):
 
 from tqdm import tqdm  # noqa: E402
 
-from data_tools.sharding import (is_finished, make_plan, remove_unfinished, try_write_index,  # noqa: E402
-                                 write_shard)
+from data_tools.sharding import (Plan, is_finished, make_plan, remove_unfinished, try_write_index,  # noqa: E402
+                                 write_shard, written_by_other_plans)
 from data_tools.stopping import Stopped, StopSignals  # noqa: E402
-from data_tools.worker_pool import imap_unordered  # noqa: E402
+from data_tools.worker_pool import WorkerFailed, imap_unordered  # noqa: E402
 from modsquad_ds.config.schema import PAPER_TASKS  # noqa: E402
 from modsquad_ds.data.layout import read_split_csv  # noqa: E402
 from modsquad_ds.data.sample import needed_domains  # noqa: E402
+from modsquad_ds.data.tasks import get_task  # noqa: E402
 
 DEFAULT_DOMAINS = needed_domains(PAPER_TASKS)
 
 
-def parse_range(text: str, n: int) -> range:
+def shard_range_arg(text: str) -> tuple[int, int | None]:
+    """``START:END`` (either end may be empty) -> (start, end or None for "to the last shard")."""
     try:
         a, b = text.split(":")
-        lo, hi = int(a or 0), int(b) if b else n
+        return int(a or 0), (int(b) if b else None)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard-range {text!r} must look like START:END") from None
-    return range(max(0, lo), min(n, hi))
+        raise argparse.ArgumentTypeError(f"{text!r} must look like START:END, e.g. 0:100 or 40:") from None
 
 
 def job_range(n: int, job_index: int, num_jobs: int) -> range:
@@ -93,10 +94,45 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel writer processes")
     ap.add_argument("--job-index", type=int, default=0, help="this job's index in an array (0-based)")
     ap.add_argument("--num-jobs", type=int, default=1, help="number of jobs sharing the work")
-    ap.add_argument("--shard-range", help="explicit shard range START:END (overrides --job-index)")
+    ap.add_argument("--shard-range", type=shard_range_arg, metavar="START:END",
+                    help="explicit shard range (overrides --job-index)")
     ap.add_argument("--index-only", action="store_true", help="write nothing but the index (all shards done)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
+
+
+def _refuse(message: str) -> int:
+    print(f"make_shards: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _depth_masked(domain: str) -> bool:
+    try:
+        return get_task(domain).depth_masked
+    except KeyError:
+        return False
+
+
+def _png_size(path: str) -> tuple[int, int] | None:
+    """(height, width) from a PNG's header, without decoding it; None for another format."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if not head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
+
+
+def _too_small_to_resize(plan: Plan, size: int) -> str | None:
+    """Why the release cannot be downscaled to ``size`` (its first sample's maps are smaller), or None.
+    Checked once up front: otherwise every sample would be decoded, then left out for the same reason."""
+    for domain, path in plan.shards[0].samples[0][1].items():
+        try:
+            hw = _png_size(path)
+        except OSError:
+            continue  # an unreadable file is the writer's to report, for that sample alone
+        if hw is not None and min(hw) < size:
+            return f"--resize {size}: the release's {domain} maps are {hw[0]}x{hw[1]}, and shards never upsample"
+    return None
 
 
 def main(argv=None) -> int:
@@ -108,8 +144,17 @@ def main(argv=None) -> int:
         ap.error(f"--job-index {args.job_index} must be in [0, --num-jobs={args.num_jobs})")
     if args.samples_per_shard is not None and args.samples_per_shard < 1:
         ap.error("--samples-per-shard must be >= 1")
-    if args.resize is not None and args.resize < 8:
-        ap.error("--resize must be >= 8 pixels")
+    if args.shard_size_mb <= 0:
+        ap.error("--shard-size-mb must be > 0")
+    if args.workers < 1:
+        ap.error("--workers must be >= 1")
+    if args.resize is not None:
+        if args.resize < 8:
+            ap.error("--resize must be >= 8 pixels")
+        masked = [d for d in args.domains if _depth_masked(d)]
+        if masked and "depth_zbuffer" not in args.domains:
+            ap.error(f"--resize averages {', '.join(masked)} over depth_zbuffer's valid pixels: "
+                     "add depth_zbuffer to --domains")
     buildings = None
     if args.split_csv:
         try:
@@ -120,7 +165,10 @@ def main(argv=None) -> int:
             ap.error(f"--split {args.split!r} is not a column of {args.split_csv} ({', '.join(splits)})")
         buildings = splits[args.split]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        ap.error(f"--out {args.out}: cannot create the folder ({err.strerror or err})")
     plan = make_plan(args.root, out, args.split, list(args.domains), buildings, args.seed,
                      args.samples_per_shard, int(args.shard_size_mb * 1e6), args.resize)
     s = plan.summary
@@ -132,46 +180,85 @@ def main(argv=None) -> int:
     if not plan.shards:
         print("nothing to write: no complete sample (see the summary above)", file=sys.stderr)
         return 1
-    if not args.index_only:
-        mine = (parse_range(args.shard_range, len(plan.shards)) if args.shard_range
-                else job_range(len(plan.shards), args.job_index, args.num_jobs))
-        todo = [plan.shards[i] for i in mine if not is_finished(out, plan.shards[i].name)]
-        names = [job.name for job in todo]
-        print(f"[{args.split}] shards {mine.start}..{mine.stop - 1}: {len(mine) - len(todo)} already done, "
-              f"{len(todo)} to write")
-        stale = remove_unfinished(out, names)
-        if stale:
-            print(f"[{args.split}] removed {stale} unfinished files of an earlier run")
-        bar = tqdm(total=len(todo), unit="shard", desc=f"{args.split} shards", disable=args.no_progress)
-        skipped, written = 0, 0  # written: bar.n stays 0 with the bar disabled
-        writing = imap_unordered(write_shard, todo, args.workers, setup=_one_torch_thread if args.resize else None,
-                                 describe=lambda job: f"writing {job.name}")
-        try:  # writers ignore Ctrl-C and SIGTERM: only this process reacts, and ends them
-            with StopSignals() as stop, contextlib.closing(writing) as sidecars:
-                for _, side in sidecars:
-                    skipped += len(side["skipped"])
-                    written += 1
-                    bar.update()
-                    stop.check()
-                stop.check()
-        except (KeyboardInterrupt, Stopped) as stopped:
-            bar.close()
-            # closing the pool has killed the writers; what they left half-written goes
-            removed = remove_unfinished(out, names)
-            how = "stopped by SIGTERM" if isinstance(stopped, Stopped) else "interrupted"
-            print(f"[{args.split}] {how}: {written} of {len(todo)} shards written, {removed} unfinished "
-                  "files removed; run the same command to resume", file=sys.stderr)
-            return 128 + (signal.SIGTERM if isinstance(stopped, Stopped) else signal.SIGINT)
-        bar.close()
-        if skipped:
-            print(f"[{args.split}] {skipped} samples had unreadable files and were left out "
-                  "(listed in the shard sidecars and the index summary)")
-    index = try_write_index(plan, out)
+    if args.resize is not None and (why := _too_small_to_resize(plan, args.resize)):
+        return _refuse(why)
+    if other := written_by_other_plans(plan, out):
+        return _refuse(f"{other[0]} and {len(other) - 1} more shards in {out} were written with other options "
+                       "(--seed, --samples-per-shard, --shard-size-mb, --domains, --resize) or from another "
+                       "release: rerun with the original options, or write to another --out")
+    if args.index_only:
+        missing = [j.name for j in plan.shards if not is_finished(out, j.name)]
+        if missing:
+            return _refuse(f"--index-only: {len(missing)} shards are not written yet ({', '.join(missing[:3])}"
+                           f"{', ...' if len(missing) > 3 else ''}); run their jobs first")
+    else:
+        status = _write_my_shards(args, plan, out)
+        if status:
+            return status
+    try:
+        index = try_write_index(plan, out)
+    except RuntimeError as err:  # another job wrote some shards with other options meanwhile
+        return _refuse(str(err))
     if index is None:
         left = sum(not is_finished(out, j.name) for j in plan.shards)
         print(f"[{args.split}] {left} shards of other jobs not finished yet; the last job writes the index")
     else:
         print(f"[{args.split}] index written: {index}")
+    return 0
+
+
+def _write_my_shards(args: argparse.Namespace, plan: Plan, out: Path) -> int:
+    """Write this job's unfinished shards; 0, or the exit status to end with."""
+    n = len(plan.shards)
+    if args.shard_range:
+        lo, hi = args.shard_range
+        mine = range(max(0, lo), min(n, n if hi is None else hi))
+    else:
+        mine = job_range(n, args.job_index, args.num_jobs)
+    todo = [plan.shards[i] for i in mine if not is_finished(out, plan.shards[i].name)]
+    names = [job.name for job in todo]
+    print(f"[{args.split}] shards {mine.start}..{mine.stop - 1}: {len(mine) - len(todo)} already done, "
+          f"{len(todo)} to write")
+    stale = remove_unfinished(out, names)
+    if stale:
+        print(f"[{args.split}] removed {stale} unfinished files of an earlier run")
+    bar = tqdm(total=len(todo), unit="shard", desc=f"{args.split} shards", disable=args.no_progress)
+    skipped, kept, written = [], 0, 0  # written: bar.n stays 0 with the bar disabled
+    writing = imap_unordered(write_shard, todo, args.workers, setup=_one_torch_thread if args.resize else None,
+                             describe=lambda job: f"writing {job.name}")
+    try:  # writers ignore Ctrl-C and SIGTERM: only this process reacts, and ends them
+        with StopSignals() as stop, contextlib.closing(writing) as sidecars:
+            for _, side in sidecars:
+                skipped += side["skipped"]
+                kept += side["samples"]
+                written += 1
+                bar.update()
+                stop.check()
+            stop.check()
+    except (KeyboardInterrupt, Stopped) as stopped:
+        bar.close()
+        # closing the pool has killed the writers; what they left half-written goes
+        removed = remove_unfinished(out, names)
+        how = "stopped by SIGTERM" if isinstance(stopped, Stopped) else "interrupted"
+        print(f"[{args.split}] {how}: {written} of {len(todo)} shards written, {removed} unfinished "
+              "files removed; run the same command to resume", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(stopped, Stopped) else signal.SIGINT)
+    except (WorkerFailed, OSError) as err:  # a disk full, a writer killed by the OOM killer, a bug
+        bar.close()
+        removed = remove_unfinished(out, names)
+        lines = str(err).strip().splitlines()  # a worker's: "writing X failed:", its traceback, the error
+        what = lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"
+        print(f"[{args.split}] error: {what}; {written} of {len(todo)} shards written, {removed} unfinished "
+              "files removed; rerun to resume", file=sys.stderr)
+        return 1
+    bar.close()
+    if skipped:
+        print(f"[{args.split}] {len(skipped)} samples had unreadable files and were left out "
+              "(listed in the shard sidecars and the index summary)")
+    if todo and not kept:
+        print(f"[{args.split}] error: every sample of these shards was left out; the first: "
+              f"{skipped[0]['key']}: {skipped[0]['reason']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -23,13 +23,9 @@ ENCODINGS = {
 }
 
 
-def check_sample(files: dict[str, bytes]) -> list[str]:
-    problems, arrays = [], {}
-    for domain, data in files.items():
-        try:
-            arrays[domain] = decode_member(domain_ext(domain), data)
-        except DecodeError as err:
-            problems.append(f"{domain}: {err}")
+def encoding_problems(arrays: dict[str, np.ndarray]) -> list[str]:
+    """Decoded arrays that break the release encodings (dtype, channels, one map size), one line each."""
+    problems = []
     shapes = {d: a.shape[:2] for d, a in arrays.items() if d in ENCODINGS}
     if len(set(shapes.values())) > 1:
         problems.append(f"maps differ in size: {shapes}")
@@ -42,6 +38,17 @@ def check_sample(files: dict[str, bytes]) -> list[str]:
         elif domain in RAW_LENGTH:
             if arr.shape != (RAW_LENGTH[domain],) or not np.issubdtype(arr.dtype, np.floating):
                 problems.append(f"{domain}: {arr.dtype} {arr.shape}, release is float ({RAW_LENGTH[domain]},)")
+    return problems
+
+
+def check_sample(files: dict[str, bytes]) -> list[str]:
+    problems, arrays = [], {}
+    for domain, data in files.items():
+        try:
+            arrays[domain] = decode_member(domain_ext(domain), data)
+        except DecodeError as err:
+            problems.append(f"{domain}: {err}")
+    problems += encoding_problems(arrays)
     if problems or "depth_zbuffer" not in arrays:
         return problems
     invalid = arrays["depth_zbuffer"] >= DEPTH_INVALID_MIN

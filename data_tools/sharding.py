@@ -211,6 +211,17 @@ def write_shard(job: ShardJob) -> dict:
     return side
 
 
+def written_by_other_plans(plan: Plan, out_dir: str | Path) -> list[str]:
+    """Finished shards of ``plan``'s names whose sidecar records another plan (other options, or the
+    release changed): resuming beside them would mix two plans in one split."""
+    other = []
+    for job in plan.shards:
+        if is_finished(out_dir, job.name):
+            if json.loads(sidecar_path(out_dir, job.name).read_text()).get("plan") != plan.plan_hash:
+                other.append(job.name)
+    return other
+
+
 def try_write_index(plan: Plan, out_dir: str | Path) -> Path | None:
     """Assemble ``{split}.index.json`` if every shard of the plan is finished; else None."""
     sides = []

@@ -91,7 +91,10 @@ def verify(index_file: str | Path, decode: bool = False, workers: int = 1, progr
         for i, problems in results:
             found[i] = problems
             bar.update()
-    return [problem for i in sorted(found) for problem in found[i]]  # in the index's shard order
+    problems = [problem for i in sorted(found) for problem in found[i]]  # in the index's shard order
+    if not index.num_samples:  # make_shards left every sample out (its summary says why)
+        problems.append(f"{index.split}: the index lists no samples (see its summary's unreadable_examples)")
+    return problems
 
 
 def main(argv=None) -> int:

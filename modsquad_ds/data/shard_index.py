@@ -83,12 +83,17 @@ def load_index(path: str | Path) -> ShardIndex:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: not a shard index (a JSON {type(doc).__name__}, not an object)")
     if doc.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} index (format={doc.get('format')!r})")
     if doc.get("version") != VERSION:
         raise ValueError(f"{path}: index version {doc.get('version')} is not supported (expected {VERSION})")
     base = path.parent
-    shards = [ShardInfo(s["name"], int(s["samples"]), int(s.get("bytes", 0)), s.get("sha256", ""),
-                        str((base / s["name"]).resolve())) for s in doc["shards"]]
-    return ShardIndex(doc["split"], doc["domains"], shards, path, doc.get("seed", 0), doc.get("summary"),
-                      doc.get("resolution"), doc.get("resize"))
+    try:
+        shards = [ShardInfo(s["name"], int(s["samples"]), int(s.get("bytes", 0)), s.get("sha256", ""),
+                            str((base / s["name"]).resolve())) for s in doc["shards"]]
+        return ShardIndex(doc["split"], doc["domains"], shards, path, doc.get("seed", 0), doc.get("summary"),
+                          doc.get("resolution"), doc.get("resize"))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:  # edited by hand, or truncated
+        raise ValueError(f"{path}: malformed shard index ({type(err).__name__}: {err})") from None

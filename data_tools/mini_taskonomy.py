@@ -115,6 +115,12 @@ def main(argv=None) -> int:
     bad = [d for d in args.domains or [] if d not in ALL_DOMAINS]
     if bad:
         ap.error(f"unknown domains {bad}; known: {' '.join(ALL_DOMAINS)}")
+    if args.workers < 1:
+        ap.error("--workers must be >= 1")
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        ap.error(f"--out {args.out}: cannot create the folder ({err.strerror or err})")
     try:
         csv = generate(args.out, buildings=args.buildings, points=args.points, views=args.views,
                        resolution=args.resolution, seed=args.seed, workers=args.workers, domains=args.domains)

@@ -85,3 +85,11 @@ def test_generator_is_deterministic_and_cli_writes_release_layout(tmp_path):
         p = SampleId("minibldg000", 0, 0).path
         assert p(a, d).read_bytes() == p(b, d).read_bytes()
     assert (a / "rgb" / "taskonomy" / "minibldg000" / "point_0_view_0_domain_rgb.png").is_file()
+
+
+def test_an_output_path_through_a_file_gets_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        main(["--out", str(tmp_path / "afile" / "release")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("cannot create the folder (Not a directory)")

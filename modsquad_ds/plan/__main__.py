@@ -70,7 +70,7 @@ def pick(rows: list[Row]) -> tuple[Row, str]:
     all-to-all time, then the smaller ep_size (fewer, larger expert GEMMs)."""
     fitting = [r for r in rows if r.fits]
     if not fitting:
-        return None, "no ep_size fits even one image per GPU: use more or larger GPUs, bf16 or ZeRO 2"
+        return None, "no ep_size fits even one image per GPU"
     best = min(fitting, key=lambda r: (r.accumulation, r.alltoall_s, r.ep_size))
     why = [f"ep_size {best.ep_size}: micro batch {best.micro_batch} x {best.accumulation} accumulation"]
     if best.ep_size == 1:
@@ -148,13 +148,21 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for name in ("gpus", "global_batch"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+    limits = {"gpus": 1, "global_batch": 1, "calibrate_batch": 1, "capacity_factor": 1.0, "reserve_gib": 0.0}
+    positive = ("gpu_mem_gib", "link_gbps", "step_time_s", "images", "epochs")
+    for name, value in vars(args).items():
+        if value is None or (name not in limits and name not in positive):
+            continue
+        if value < limits.get(name, 0) or (name in positive and value <= 0):
+            must = f"be >= {limits[name]:g}" if name in limits else "be > 0"
+            print(f"error: --{name.replace('_', '-')} must {must}, got {value:g}", file=sys.stderr)
             return 2
     experts = cfg.moe.mlp.num_experts
     ep_sizes = args.ep_size or [e for e in range(1, experts + 1) if experts % e == 0 and args.gpus % e == 0]
     for ep in ep_sizes:
+        if ep < 1:
+            print(f"error: --ep-size must be >= 1, got {ep}", file=sys.stderr)
+            return 2
         if experts % ep or args.gpus % ep:
             print(f"error: --ep-size {ep} must divide moe.mlp.num_experts ({experts}) and --gpus ({args.gpus})",
                   file=sys.stderr)
@@ -171,6 +179,11 @@ def main(argv=None) -> int:
                      capacity_factor=args.capacity_factor, reserve_gib=args.reserve_gib)
     print(format_table(rows, args.step_time_s, args.global_batch, args.gpus, args.images, args.epochs))
     best, why = pick(rows)
+    if best is None:
+        why += ": use more or larger GPUs" + "".join(
+            f", {fix}" for fix, applies in (("bf16", args.dtype != "bf16"), ("ZeRO 2", args.zero != 2),
+                                            ("model.grad_checkpointing=true", not cfg.model.grad_checkpointing))
+            if applies)
     print(f"pick: {why}")
     if args.calibrate:
         _calibrate(cfg, args)
@@ -191,7 +204,9 @@ def _calibrate(cfg, args) -> None:
     print(f"calibration (1 process, micro batch {b}, ZeRO {args.zero}, {args.dtype}): "
           f"peak predicted {predicted / 2**20:.1f} MiB, measured "
           f"{m.peak_bytes / 2**20:.1f} MiB ({predicted / m.peak_bytes:.3f}x); activations predicted "
-          f"{act / 2**20:.1f} MiB, measured {m.saved_activation_bytes / 2**20:.1f} MiB")
+          f"{act / 2**20:.1f} MiB, measured {m.saved_activation_bytes / 2**20:.1f} MiB"
+          + (" (with grad checkpointing the forward keeps only the blocks' inputs; the block backward "
+             "recomputes counts in the prediction and the peak)" if cfg.model.grad_checkpointing else ""))
 
 
 if __name__ == "__main__":

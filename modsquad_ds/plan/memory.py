@@ -164,54 +164,62 @@ def activation_bytes_per_image(cfg, dtype: str = "fp32", capacity_factor: float 
     MoE MLP layers run the dropless local dispatch (moe/layer.dropless_moe): exactly k S rows, and
     on ``device`` "cpu" dispatch, experts and combine expert by expert (moe/cpu_mlp.py), which keeps
     the GELU's input but not its output, the gathered token copies nor the expert outputs.
+
+    With ``model.grad_checkpointing`` every block keeps only its input through the forward, and
+    backward recomputes one block at a time: the inputs of all blocks plus the largest block's own.
     """
     s = shapes(cfg)
     a = DTYPE_BYTES[dtype]
     f, i64 = 4, 8
     d, n, t = s.dim, s.tokens, s.tasks
     rows = t * n  # task slots x tokens of one image, after the task-independent prefix
-    total = 3 * s.img ** 2 * a  # the image, saved by the patch-embedding convolution
+    outside = 3 * s.img ** 2 * a  # the image, saved by the patch-embedding convolution
     noisy = cfg.moe.router_noise
+    blocks, block_inputs = [], []
     for b, (moe_attn, moe_mlp) in enumerate(s.kinds):
         r = n if b < s.first_block else rows
+        block_inputs.append(r * d * a)
         # LayerNorm 1 and 2: input (a), mean and rstd (fp32); the normed outputs are saved by the next linear
-        total += r * 2 * (d * a + 2 * f)
+        block = r * 2 * (d * a + 2 * f)
         if moe_attn:
             k, h = s.attn_k, s.attn_h
-            total += _router(r, d, s.attn_e, k, a, noisy)
-            total += r * (d * a)                    # LayerNorm 1 output (router, dispatch, k/v input)
-            total += r * k * d * a                  # dispatched token copies (query projections' input)
-            total += r * k * h * a * 2              # unpermuted queries and attention output (SDPA)
-            total += r * 2 * h * a                  # shared keys/values (SDPA)
-            total += r * k * f                      # SDPA's logsumexp
-            total += r * k * h * a                  # expert-sorted attention output (output projections' input)
-            total += r * k * d * a                  # expert outputs in expert order (the combine's input)
-            total += r * k * (f + 3 * i64)          # gates (fp32); slot tokens, slot order and its inverse
+            block += _router(r, d, s.attn_e, k, a, noisy)
+            block += r * (d * a)                    # LayerNorm 1 output (router, dispatch, k/v input)
+            block += r * k * d * a                  # dispatched token copies (query projections' input)
+            block += r * k * h * a * 2              # unpermuted queries and attention output (SDPA)
+            block += r * 2 * h * a                  # shared keys/values (SDPA)
+            block += r * k * f                      # SDPA's logsumexp
+            block += r * k * h * a                  # expert-sorted attention output (output projections' input)
+            block += r * k * d * a                  # expert outputs in expert order (the combine's input)
+            block += r * k * (f + 3 * i64)          # gates (fp32); slot tokens, slot order and its inverse
         else:
-            total += r * d * a                      # LayerNorm 1 output (qkv input)
-            total += r * 3 * d * a                  # q, k, v (SDPA)
-            total += r * d * a * 2                  # SDPA output and the projection's input
-            total += r * s.heads * f                # SDPA's logsumexp
+            block += r * d * a                      # LayerNorm 1 output (qkv input)
+            block += r * 3 * d * a                  # q, k, v (SDPA)
+            block += r * d * a * 2                  # SDPA output and the projection's input
+            block += r * s.heads * f                # SDPA's logsumexp
         if moe_mlp:
             k = s.mlp_k
             h = s.mlp_hidden // k if cfg.moe.mlp.expert_dim is None else cfg.moe.mlp.expert_dim
             local = ep_size == 1                    # dropless dispatch, else DeepSpeed's (E, C, D) buffer
             buf = r * k * (1.0 if local else capacity_factor)
-            total += _router(r, d, s.mlp_e, k, a, noisy)
-            total += r * d * a                      # LayerNorm 2 output
+            block += _router(r, d, s.mlp_e, k, a, noisy)
+            block += r * d * a                      # LayerNorm 2 output
             if local and device == "cpu":           # moe/cpu_mlp.py gathers the tokens, recomputes the GELU
-                total += buf * h * a                # and the gates' gradient in backward: the GELU input only
+                block += buf * h * a                # and the gates' gradient in backward: the GELU input only
             else:
-                total += buf * (d + 2 * h) * a      # expert fc1 input, GELU input and output
-                total += r * k * d * a              # expert outputs (saved by the combine / gate multiply)
+                block += buf * (d + 2 * h) * a      # expert fc1 input, GELU input and output
+                block += r * k * d * a              # expert outputs (saved by the combine / gate multiply)
             # gates; slot tokens and the inverse order (local), or the slots of _sparse_decode
-            total += r * k * (f + (2 if local else 1) * i64)
+            block += r * k * (f + (2 if local else 1) * i64)
         else:
-            total += r * d * a                      # LayerNorm 2 output (fc1 input)
-            total += r * 2 * s.mlp_hidden * a       # GELU input and output
-    total += rows * (d * a + 2 * f) + rows * d * a  # final norm: input, stats, output (heads' input)
-    total += s.head_out * a * 2                     # head outputs, kept by the losses with their targets
-    return total
+            block += r * d * a                      # LayerNorm 2 output (fc1 input)
+            block += r * 2 * s.mlp_hidden * a       # GELU input and output
+        blocks.append(block)
+    outside += rows * (d * a + 2 * f) + rows * d * a  # final norm: input, stats, output (heads' input)
+    outside += s.head_out * a * 2                     # head outputs, kept by the losses with their targets
+    if cfg.model.grad_checkpointing:  # each block keeps its input; backward recomputes one block at a time
+        return outside + sum(block_inputs) + max(blocks)
+    return outside + sum(blocks)
 
 
 def expert_weight_copies(cfg, dtype: str = "fp32", ep_size: int = 1, device: str = "cuda") -> float:
@@ -219,12 +227,13 @@ def expert_weight_copies(cfg, dtype: str = "fp32", ep_size: int = 1, device: str
     ``(E_local, h, D)`` tensors for fc1 and fc2 of every MoE MLP layer, which the expert matmuls keep
     for backward (moe/experts.py at ep_size 1, either kernel; moe/ds_adapter/layer.BatchedExperts
     at ep_size > 1). None at ep_size 1 on a CPU: moe/cpu_mlp.py uses each expert's own weights.
-    MoA's projections are stored stacked: nothing is copied for them."""
+    MoA's projections are stored stacked: nothing is copied for them. With ``model.grad_checkpointing``
+    only the block being recomputed holds its copies."""
     if ep_size == 1 and device == "cpu":
         return 0.0
     s = shapes(cfg)
     h = s.mlp_hidden // s.mlp_k if cfg.moe.mlp.expert_dim is None else cfg.moe.mlp.expert_dim
-    layers = sum(1 for _attn, mlp in s.kinds if mlp)
+    layers = 1 if cfg.model.grad_checkpointing else sum(1 for _attn, mlp in s.kinds if mlp)
     return layers * 2 * (s.mlp_e // ep_size) * s.dim * h * DTYPE_BYTES[dtype]
 
 

@@ -2,7 +2,7 @@
 
 - one process: predicted peak memory of a training step within 15% of the peak the profiler's
   allocator events show (modsquad_ds/plan/measure.py says why not RSS, and why one process), for
-  tiny and small, ZeRO 1 and 2, fp32 and bf16; predicted model state (weights, fp32 master, Adam)
+  tiny and small, ZeRO 1 and 2, fp32 and bf16, and with activation checkpointing; predicted model state (weights, fp32 master, Adam)
   equal to the bytes held between steps;
 - 2 gloo ranks, ep_size 2: predicted all-to-all bytes equal to those counted at
   torch.distributed.all_to_all_single in DeepSpeed's _AllToAll during one step, given the
@@ -39,7 +39,7 @@ def _cfg(case, ep_size):
     return load_config(preset=case["preset"], overrides=[f"train.ep_size={ep_size}", *case.get("overrides", [])])
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(5))
 def test_peak_memory_within_15_percent(memory, index):
     from modsquad_ds.plan.memory import activation_bytes, count_params, peak_bytes, state_bytes
 
@@ -49,9 +49,12 @@ def test_peak_memory_within_15_percent(memory, index):
     assert case["capacities"] == []  # ep_size 1: the dropless local dispatch, DeepSpeed's gate never runs
     acts = activation_bytes(cfg, case["micro"], case["dtype"], device="cpu")
     predicted = peak_bytes(state, acts)
-    label = f"{case['preset']} ZeRO {case['zero']} {case['dtype']}"
+    label = f"{case['preset']} ZeRO {case['zero']} {case['dtype']} {' '.join(case.get('overrides', []))}"
     assert abs(predicted / case["peak"] - 1) < 0.15, f"{label}: predicted {predicted:,.0f} B, measured {case['peak']:,}"
-    assert abs(acts / case["activations"] - 1) < 0.15, f"{label}: activations {acts:,.0f} vs {case['activations']:,}"
+    if cfg.model.grad_checkpointing:  # the forward keeps less than a step holds: backward recomputes a block
+        assert case["activations"] < acts, f"{label}: activations {acts:,.0f} vs {case['activations']:,}"
+    else:
+        assert abs(acts / case["activations"] - 1) < 0.15, f"{label}: activations {acts:,.0f} vs {case['activations']:,}"
     # weights + fp32 master partition + Adam moments, to within ZeRO's alignment padding
     assert abs(state.held - case["between"]) <= 0.001 * case["between"] + 4096, (
         f"{label}: state {state.held:,} B predicted, {case['between']:,} held between steps")

@@ -55,6 +55,15 @@ def test_pick_prefers_fewer_micro_steps_then_less_traffic():
     assert not any(r.fits for r in tight) and pick(tight)[0] is None
 
 
+def test_when_nothing_fits_the_advice_names_only_what_is_not_chosen_yet(capsys):
+    base = ["--preset", "small", "--gpus", "1", "--gpu-mem-gib", "2.5", "--global-batch", "1"]
+    assert main(base + ["--dtype", "fp32", "--zero", "1"]) == 1
+    assert capsys.readouterr().out.strip().endswith(
+        "no ep_size fits even one image per GPU: use more or larger GPUs, bf16, ZeRO 2, model.grad_checkpointing=true")
+    assert main(base + ["--zero", "2", "--set", "model.grad_checkpointing=true"]) == 1
+    assert capsys.readouterr().out.strip().endswith("no ep_size fits even one image per GPU: use more or larger GPUs")
+
+
 def test_command_line_prints_the_table_and_a_pick(capsys):
     assert main(["--preset", "tiny", "--gpus", "8", "--gpu-mem-gib", "2", "--global-batch", "64",
                  "--step-time-s", "0.5", "--images", "1000", "--epochs", "1", "--reserve-gib", "0.5"]) == 0
@@ -68,6 +77,10 @@ def test_command_line_prints_the_table_and_a_pick(capsys):
     (["--global-batch", "65"], "multiple of --gpus"),
     (["--zero", "0", "--dtype", "bf16"], "bf16 needs ZeRO 1 or 2"),
     (["--set", "moe.mlp.top_k=99"], "moe.mlp.top_k"),
+    (["--ep-size", "-4"], "--ep-size must be >= 1, got -4"),  # -4 divides 8 in Python
+    (["--link-gbps", "0"], "--link-gbps must be > 0, got 0"),
+    (["--capacity-factor", "0.5"], "--capacity-factor must be >= 1, got 0.5"),
+    (["--step-time-s", "-1"], "--step-time-s must be > 0, got -1"),
 ])
 def test_bad_input_one_line(argv, message, capsys):
     base = ["--preset", "tiny", "--gpus", "8", "--gpu-mem-gib", "2", "--global-batch", "64"]

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     pin_deepspeed_accelerator()
     from modsquad_ds.distributed import env as launch_env
     from modsquad_ds.distributed.bootstrap import plan_launch
-    from modsquad_ds.eval.checkpoints import check_files, expected_expert_files
+    from modsquad_ds.eval.checkpoints import check_architecture, check_files, expected_expert_files
     from modsquad_ds.train.checkpoint import CheckpointError, find_checkpoint, step_of
     from modsquad_ds.train.preflight import check_split
 
@@ -100,6 +100,7 @@ def main(argv=None) -> int:
         check_split(cfg, args.split, "--split")
         launch, _dims = plan_launch(cfg, ds_config)
         folder = find_checkpoint(run_dir, args.checkpoint)
+        check_architecture(folder, cfg)
         check_files(folder, expected_expert_files(cfg))
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -4,10 +4,11 @@ notes in docs/evaluation.md)."""
 
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 
-from modsquad_ds.train.checkpoint import CheckpointError
+from modsquad_ds.train.checkpoint import ARCHITECTURE, CheckpointError, run_layout
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 
@@ -28,6 +29,20 @@ def check_files(folder: Path, expected_expert_files: int = 0) -> None:
             ok = False
         if not ok:
             raise CheckpointError(f"checkpoint file {path} is corrupt (not a readable torch archive)")
+
+
+def check_architecture(folder: Path, cfg) -> None:
+    """The model ``cfg`` builds is the one the checkpoint holds (its ``layout.json``, when it has one):
+    another shape fails late inside DeepSpeed, and some settings (``model.num_heads``) would load
+    without an error and evaluate another model. Raises CheckpointError naming the setting."""
+    path = folder / "layout.json"
+    if not path.is_file():
+        return
+    saved, current = json.loads(path.read_text()), run_layout(cfg, world_size=1)
+    for key in ARCHITECTURE:
+        if key in saved and saved[key] != current[key]:
+            raise CheckpointError(f"{folder} holds a model with {key}={saved[key]!r}, the config asks for "
+                                  f"{current[key]!r}: evaluate with the run's own model settings")
 
 
 def expected_expert_files(cfg) -> int:

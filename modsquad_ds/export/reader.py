@@ -49,6 +49,7 @@ import torch
 from modsquad_ds.config.loader import load_config
 from modsquad_ds.config.schema import ConfigError, RunConfig
 from modsquad_ds.moe.ds_adapter import expert_checkpoint_name, reference_key
+from modsquad_ds.train import manifest
 from modsquad_ds.train.checkpoint import CheckpointError, find_checkpoint
 
 __all__ = ["CheckpointError", "CheckpointWeights", "load_checkpoint_weights", "find_checkpoint",
@@ -203,6 +204,10 @@ def load_checkpoint_weights(run_dir: Path, step: Optional[int] = None, require_m
         raise CheckpointError(f"{run_dir}: no such run folder")
     cfg = _run_config(run_dir)
     folder = find_checkpoint(run_dir, step)
+    if (folder / manifest.NAME).is_file():  # every save writes one; folders from before manifests have none
+        problem = manifest.verify(folder, collective=False)
+        if problem:  # a flipped byte in a tensor loads without an error, and would be exported as is
+            raise CheckpointError(f"checkpoint {folder} is damaged: {problem}")
     states = _load(folder / MODEL_STATES)
     module = states.get("module")
     if not isinstance(module, dict) or not module:

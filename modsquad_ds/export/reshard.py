@@ -34,7 +34,7 @@ from modsquad_ds.export.reader import (CheckpointError, MODEL_STATES, _load, _ze
                                        load_checkpoint_weights)
 from modsquad_ds.moe.ds_adapter import expert_parallel_layers, reference_key
 from modsquad_ds.train import manifest
-from modsquad_ds.train.checkpoint import TrainPosition, tag_for
+from modsquad_ds.train.checkpoint import TrainPosition, run_layout, tag_for
 
 MARKER = "resharded.json"
 STATE_FILE = "state.safetensors"
@@ -147,6 +147,9 @@ def reshard(run: Path, out: Path, world_size: int, ep_size: Optional[int] = None
     run, out = Path(run), Path(out)
     if out.resolve() == run.resolve():
         raise CheckpointError(f"--out must differ from --run ({run})")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # another run's checkpoints would mix with this one's (a live run's even), its config be replaced
+        raise CheckpointError(f"--out {out} exists and is not empty: reshard into a new folder")
     weights = load_checkpoint_weights(run, step, require_master=True)
     cfg = weights.config
     states = _load(weights.folder / MODEL_STATES)
@@ -202,9 +205,8 @@ def reshard(run: Path, out: Path, world_size: int, ep_size: Optional[int] = None
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial / STATE_FILE))
     (partial / MARKER).write_text(json.dumps(meta, indent=1))
-    layout = {"world_size": world_size, "train.ep_size": new_cfg.train.ep_size, "data.batch_size": new_cfg.data.batch_size,
-              "data.workers": new_cfg.data.workers, "tasks.names": list(new_cfg.tasks.names),
-              "model.embed_dim": new_cfg.model.embed_dim, "model.depth": new_cfg.model.depth}
+    # no ZeRO stage or precision: a resharded checkpoint loads into any engine (load_into_engine)
+    layout = run_layout(new_cfg, world_size)
     (partial / "layout.json").write_text(json.dumps({**layout, **dataclasses.asdict(position)}, indent=1))
     manifest.write(partial, manifest.build(partial, collective=False))  # last: resume verifies it
     final = root / tag_for(position.step)

@@ -24,7 +24,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -143,6 +143,33 @@ def _barrier() -> None:
 RESHARDABLE = ("world_size", "train.ep_size", "data.batch_size")
 """Layout settings modsquad_ds.reshard can change (modsquad_ds/export/reshard.py)."""
 
+ARCHITECTURE = ("model.img_size", "model.patch_size", "model.in_chans", "model.embed_dim", "model.depth",
+                "model.num_heads", "model.mlp_ratio", "model.qkv_bias", "model.class_head", "moe.placement",
+                "moe.first_block", "moe.attn", "moe.mlp", "moe.router_noise", "moe.wide_dense_attention")
+"""Settings that shape the model: its weights load only into a model built the same way (some, such
+as ``model.num_heads``, would load into another shape without an error and mean something else)."""
+
+
+def run_layout(cfg, world_size: int) -> dict:
+    """The settings a resumed run must share with the run that saved (:func:`check_layout`): the data
+    order's (world size, batch, workers, subset), the parallel layout's and the model's."""
+    layout = {"world_size": world_size, "train.ep_size": cfg.train.ep_size, "data.batch_size": cfg.data.batch_size,
+              "data.workers": cfg.data.workers, "data.fraction": cfg.data.fraction,
+              "tasks.names": list(cfg.tasks.names), "finetune.mode": cfg.finetune.mode}
+    for key in ARCHITECTURE:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        layout[key] = asdict(value) if is_dataclass(value) else value
+    return layout
+
+
+def engine_format(ds_config: dict) -> dict:
+    """What DeepSpeed's optimizer files depend on besides the layout: the ZeRO stage and the precision
+    (``bf16_zero_pp_rank_*`` and ``zero_pp_rank_*`` files hold different state)."""
+    bf16 = ds_config.get("bf16", {}).get("enabled", False)
+    return {"zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0), "precision": "bf16" if bf16 else "fp32"}
+
 
 class ResumeMismatch(ValueError):
     """The newest checkpoint was made under settings this run cannot continue from."""
@@ -197,8 +224,9 @@ def save(engine, root: Path, position: TrainPosition, extra: dict, keep: int, la
         (root / partial_tag / "layout.json").write_text(json.dumps({**layout, **asdict(position)}, indent=1))
     _barrier()  # every rank's files are on disk before they are listed in the manifest
     if rank == 0:
-        for script in _DEEPSPEED_SCRIPTS:
+        for script in _DEEPSPEED_SCRIPTS:  # DeepSpeed versions put them in the tag folder or beside it
             (root / partial_tag / script).unlink(missing_ok=True)
+            (root / script).unlink(missing_ok=True)
     _barrier()
     sums = manifest.build(root / partial_tag)  # collective: each rank hashes its share
     if rank == 0:

@@ -84,9 +84,10 @@ def _problem(folder: Path, name: str, expected: dict) -> Optional[str]:
     return None
 
 
-def verify(folder: Path) -> Optional[str]:
-    """All ranks (a collective): None if the folder is intact, else one line naming the first
-    damaged file (sorted by name). Files are split over the ranks; every rank gets the verdict."""
+def verify(folder: Path, collective: bool = True) -> Optional[str]:
+    """None if the folder is intact, else one line naming the first damaged file (sorted by name).
+    ``collective``: all ranks call it, the files are split over them and every rank gets the verdict;
+    else this process checks every file alone."""
     manifest_path = folder / NAME
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -95,12 +96,12 @@ def verify(folder: Path) -> Optional[str]:
         return f"{manifest_path} is missing (not written by a complete save)"
     except (ValueError, KeyError, TypeError) as err:
         return f"{manifest_path} is unreadable ({err})"
-    rank, world = _rank_world()
+    rank, world = _rank_world() if collective else (0, 1)
     names = sorted(files)
     mine = {}
     for i, name in enumerate(names):
         problem = _problem(folder, name, files[name]) if i % world == rank else None
         if problem:
             mine[name] = problem
-    problems = _gather(mine)
+    problems = _gather(mine) if collective else mine
     return problems[min(problems)] if problems else None

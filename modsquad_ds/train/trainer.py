@@ -32,6 +32,7 @@ from modsquad_ds.train.module import TrainModule
 from modsquad_ds.train.schedule import lr_lambda
 from modsquad_ds.train.signals import StopRequests
 from modsquad_ds.train.skips import SkipTally
+from modsquad_ds.train.start_over import set_aside_earlier_run
 from modsquad_ds.train.usage import UsageAccumulator, plot_usage, write_usage
 
 # Embeddings, norms and biases take no weight decay (as timm / DeiT train ViTs).
@@ -148,12 +149,7 @@ class Trainer:
 
     def layout(self) -> dict:
         """Settings a resumed run must share with the run that saved (checkpoint.check_layout)."""
-        cfg = self.cfg
-        return {"world_size": self.world_size, "train.ep_size": cfg.train.ep_size,
-                "data.batch_size": cfg.data.batch_size, "data.workers": cfg.data.workers,
-                "tasks.names": list(cfg.tasks.names), "model.embed_dim": cfg.model.embed_dim,
-                "model.depth": cfg.model.depth, "data.fraction": cfg.data.fraction,
-                "finetune.mode": cfg.finetune.mode}
+        return {**checkpoint.run_layout(self.cfg, self.world_size), **checkpoint.engine_format(self.ds_config)}
 
     def _save(self, engine) -> Path:
         # The client state lands in rank 0's model-states file only, so it carries the usage summed
@@ -193,6 +189,12 @@ class Trainer:
                 self.position, extra = restored
                 self.saved_step = self.position.step
                 self.usage.load_state_dict(extra.get("usage", {}), zeroed=self.rank != 0)
+        else:
+            aside = set_aside_earlier_run(self.out_dir) if self.rank == 0 else None
+            if aside is not None:
+                notes.append(f"train.resume false: the earlier run's files in {self.out_dir} moved to {aside.name}/")
+            if is_distributed():
+                dist.barrier()  # no rank writes before the folder is clean
         # after the resume check: a refused resume must not overwrite the saved run's config
         self._write_run_files()
         logger = RunLogger(self.out_dir, t.steps, self.position.step, self.rank == 0)

@@ -20,9 +20,10 @@ from _ep_harness import run_workers
 from modsquad_ds.export.pipeline import export_run, full_model
 from modsquad_ds.export.reader import (SOURCE_MASTER, SOURCE_MODULE, SOURCE_UPCAST, CheckpointError,
                                        load_checkpoint_weights)
-from modsquad_ds.export.reshard import _zero0_moments, _zero_moments
+from modsquad_ds.export.reshard import _zero0_moments, _zero_moments, reshard
 from modsquad_ds.export.task_model import TaskViT
 from modsquad_ds.moe.ds_adapter import reference_key
+from modsquad_ds.train import manifest
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(400)]
 
@@ -110,6 +111,7 @@ def test_bf16_without_partitions_upcasts_and_says_so(runs, tmp_path):
     folder = load_checkpoint_weights(run).folder
     for f in folder.glob("*optim_states.pt"):
         f.unlink()
+    manifest.write(folder, manifest.build(folder, collective=False))  # as a save without them writes it
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         w = load_checkpoint_weights(run)
@@ -139,8 +141,8 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 def test_broken_folders_fail_with_one_line_naming_the_piece(runs, tmp_path, damage, expected):
     run = _copy(runs / "zero1_bf16" / "ep2", tmp_path)
     folder = load_checkpoint_weights(run).folder
-    # unknown files (a manifest, DeepSpeed's scripts removed or added) are ignored
-    (folder / "manifest.json").write_text("{}")
+    # the reader's own checks, for folders without a manifest (saved before manifests existed)
+    (folder / "manifest.json").unlink()
     step = None
     if damage == "no_config":
         (run / "config.yaml").unlink()
@@ -165,6 +167,29 @@ def test_broken_folders_fail_with_one_line_naming_the_piece(runs, tmp_path, dama
     with pytest.raises(CheckpointError) as err:
         load_checkpoint_weights(run, step)
     assert expected in _one_line(err)
+
+
+def test_a_flipped_byte_is_refused_before_export_or_reshard_reads_it(runs, tmp_path):
+    """A damaged tensor loads without an error: the manifest's SHA-256 is what catches it (a reshard
+    would otherwise write it into a new checkpoint under a fresh, matching manifest)."""
+    run = _copy(runs / "zero1_bf16" / "ep2", tmp_path)
+    path = load_checkpoint_weights(run).folder / "mp_rank_00_model_states.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint_weights(run)
+    assert "is damaged:" in _one_line(err) and "mp_rank_00_model_states.pt does not match its SHA-256" in str(err.value)
+    with pytest.raises(CheckpointError, match="is damaged"):
+        reshard(run, tmp_path / "resharded", world_size=1)
+    assert not (tmp_path / "resharded").exists()
+
+
+def test_reshard_refuses_a_folder_that_is_not_empty(runs, tmp_path):
+    used = tmp_path / "used"
+    (used / "checkpoints").mkdir(parents=True)  # another run's, or a live one's
+    with pytest.raises(CheckpointError, match=f"--out {used} exists and is not empty"):
+        reshard(runs / "zero1_bf16" / "ep2", used, world_size=1)
 
 
 def test_theta_zero_export_equals_the_full_model_on_calibration_data(runs, tmp_path):

@@ -107,6 +107,26 @@ def test_interrupted_save_leaves_previous_checkpoint_usable(shards, tmp_path):
     assert not partial.exists(), "the next save removes the leftover partial folder"
 
 
+def test_starting_over_in_a_used_folder_sets_the_earlier_run_aside(shards, tmp_path):
+    """--no-resume where a run saved steps 6 and 7: the new run's steps 3 and 4 would have been
+    pruned as the oldest, and a plain resume would have continued the earlier run."""
+    out = tmp_path / "run"
+    common = ("train.ep_size=1", "data.workers=0", "train.checkpoint_every=3")
+    run_ok([python()] + _args(shards, out, *common), timeout_s=240)
+    again = run_ok([python()] + _args(shards, out, *common, "train.steps=4") + ["--no-resume"], timeout_s=240)
+    assert "the earlier run's files" in again.output and "moved to replaced-" in again.output
+    steps = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert steps == ["step_00000003", "step_00000004"]
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert sorted(_losses(out)) == [1, 2, 3, 4]
+    (aside,) = out.glob("replaced-*")
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir() if p.name.startswith("step_")) == [
+        "step_00000006", "step_00000007"]
+    assert sorted(_losses(aside)) == list(range(1, 8))
+    resumed = run_ok([python()] + _args(shards, out, *common, "train.steps=5"), timeout_s=240)
+    assert "resumed from" in resumed.output and "step_00000004" in resumed.output
+
+
 def test_bad_parallel_settings_fail_before_any_process_group(shards, tmp_path):
     # WORLD_SIZE=2 with no second rank: reaching init would hang until the timeout
     env = base_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29555")

@@ -369,7 +369,7 @@ def scenario_checkpoints(report: Report, shards: Path, work: Path) -> None:
                  and " 0.0 images/s" not in output,
                  next((l for l in output.splitlines() if l.startswith("stopped early")), f"exit {code}"), seconds, output)
     step4 = base / "checkpoints" / "step_00000004"
-    scripts = sorted(p.name for p in step4.glob("zero_to_*.py"))
+    scripts = sorted(p.name for folder in (step4, step4.parent) for p in folder.glob("zero_to_*.py"))
     has_manifest = (step4 / "manifest.json").is_file()
     report.check("zero_to_fp32.py not left in checkpoints", not scripts and has_manifest,
                  f"{step4.name}: {len(list(step4.iterdir()))} files, manifest.json {'present' if has_manifest else 'absent'}, "

@@ -8,16 +8,19 @@
 of task exports (every task in it), or a run folder (its latest checkpoint, every task; no DeepSpeed
 processes). Images are resized to the model's input size as in training (ImageNet normalisation),
 run in batches, and each prediction is resized back to the image's size and written to
---out/{task}/{image}.png in the release encoding of the task (16-bit depth in 1/512 m, 8-bit
-normals centred on 128, 16-bit edges and keypoints, ...) with a viewable {image}_color.png beside it;
-classification tasks write {image}.json with the class scores (release class indices).
+--out/{task}/{image}.png (same-named images of several folders: {folder}__{image}.png) in the
+release encoding of the task (16-bit depth in 1/512 m, 8-bit normals centred on 128, 16-bit edges
+and keypoints, ...) with a viewable {image}_color.png beside it; classification tasks write
+{image}.json with the class scores (release class indices). Unreadable images are skipped and listed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from modsquad_ds.config.schema import ConfigError
@@ -52,16 +56,43 @@ def image_files(items: list[Path]) -> list[Path]:
     return files
 
 
+def output_names(files: list[Path]) -> list[str]:
+    """Each image's output name: its stem, or, where stems repeat (Taskonomy's view names recur in
+    every building's folder), its path below the inputs' common folder joined with ``__``."""
+    stems = [f.stem for f in files]
+    if len(set(stems)) == len(stems):
+        return stems
+    common = Path(os.path.commonpath([str(f.resolve().parent) for f in files]))
+    names = ["__".join(f.resolve().relative_to(common).with_suffix("").parts) for f in files]
+    if len(set(names)) < len(names):  # the same file given twice, or a.png and a.jpg side by side
+        twice = sorted({str(f) for f, n in zip(files, names) if names.count(n) > 1})
+        raise ConfigError("--images", f"{len(twice)} images would write the same output: {', '.join(twice[:3])}")
+    return names
+
+
+def _read_model(model: Path, load: Callable):
+    """``load(model)``, a file that is not an export in one line (safetensors says "header too large")."""
+    try:
+        return load(model)
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        raise ConfigError("--model", f"{model}: not an exported model ({_first_line(err)})") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def load_predictor(model: Path, device: torch.device, tasks: list[str] | None, step: int | None
                    ) -> tuple[Predictor, list[str], int, dict[str, tuple]]:
     """(images -> {task: prediction}, task names, input size, class indices per class task)."""
     from modsquad_ds.export.files import is_whole_model, load_task_model, load_whole_model
 
     if model.is_file():
-        if is_whole_model(model):
-            full, cfg = load_whole_model(model, str(device))
+        if _read_model(model, is_whole_model):
+            full, cfg = _read_model(model, lambda m: load_whole_model(m, str(device)))
             return _full_predictor(full, cfg, tasks)
-        models = [load_task_model(model, str(device))]
+        models = [_read_model(model, lambda m: load_task_model(m, str(device)))]
     elif (model / "checkpoints").is_dir():
         from modsquad_ds.export.pipeline import full_model
         from modsquad_ds.export.reader import load_checkpoint_weights
@@ -69,10 +100,17 @@ def load_predictor(model: Path, device: torch.device, tasks: list[str] | None, s
         weights = load_checkpoint_weights(model, step)
         return _full_predictor(full_model(weights).to(device), weights.config, tasks)
     else:
-        files = sorted(p for p in model.glob("*.safetensors") if not is_whole_model(p)) if model.is_dir() else []
-        models = [m for m in (load_task_model(p, str(device)) for p in files) if tasks is None or m.task in tasks]
+        files = sorted(p for p in model.glob("*.safetensors") if not _read_model(p, is_whole_model)) \
+            if model.is_dir() else []
+        models = [_read_model(p, lambda m: load_task_model(m, str(device))) for p in files]
     if not models:
         raise ConfigError("--model", f"{model}: no exported model (a .safetensors file, an export folder or a run folder)")
+    if tasks is not None:
+        unknown = sorted(set(tasks) - {m.task for m in models})
+        if unknown:
+            raise ConfigError("--tasks", f"{model} has no model for {', '.join(unknown)} "
+                                         f"(it has {', '.join(m.task for m in models)})")
+        models = [m for m in models if m.task in tasks]
     sizes = {m.config["img_size"] for m in models}
     if len(sizes) > 1:
         raise ConfigError("--model", f"{model}: task models with different input sizes {sorted(sizes)}")
@@ -90,6 +128,7 @@ def _full_predictor(full, cfg, tasks):
 
 
 def load_image(path: Path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The model's input and the image's (height, width); OSError for a file PIL cannot read."""
     with Image.open(path) as im:
         rgb = np.asarray(im.convert("RGB"))
     x = torch.from_numpy(decode.image_to_float(rgb))
@@ -118,21 +157,50 @@ def write_prediction(out: Path, task: str, stem: str, pred: torch.Tensor, size_h
     return paths
 
 
+@dataclass
+class Predictions:
+    written: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    """Images that could not be read, with the reason; the others are predicted."""
+
+
 @torch.no_grad()
 def predict(model: Path, images: list[Path], out: Path, device: str = "cpu", batch_size: int = 8,
-            tasks: list[str] | None = None, step: int | None = None, progress: bool = True) -> list[Path]:
+            tasks: list[str] | None = None, step: int | None = None, progress: bool = True) -> Predictions:
     dev = torch.device(device)
-    predictor, names, size, keep = load_predictor(model, dev, tasks, step)
     files = image_files(images)
-    written = []
+    names_out = dict(zip(files, output_names(files)))
+    predictor, names, size, keep = load_predictor(model, dev, tasks, step)
+    done = Predictions()
     for start in tqdm(range(0, len(files), batch_size), desc="predict", disable=not progress):
-        chunk = files[start:start + batch_size]
-        loaded = [load_image(f, size) for f in chunk]
-        preds = predictor(torch.stack([x for x, _ in loaded]).to(dev))
-        for i, (path, (_, size_hw)) in enumerate(zip(chunk, loaded)):
+        loaded = []
+        for path in files[start:start + batch_size]:
+            try:
+                loaded.append((path, *load_image(path, size)))
+            except (OSError, ValueError) as err:  # a broken or foreign file among many: skip, report
+                done.skipped.append((path, _first_line(err)))
+        if not loaded:
+            continue
+        preds = predictor(torch.stack([x for _, x, _ in loaded]).to(dev))
+        for i, (path, _, size_hw) in enumerate(loaded):
             for task in names:
-                written += write_prediction(out, task, path.stem, preds[task][i], size_hw, keep.get(task))
-    return written
+                done.written += write_prediction(out, task, names_out[path], preds[task][i], size_hw, keep.get(task))
+    return done
+
+
+def _device_problem(device: str) -> str | None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        return f"{device!r} is not a device (cpu, cuda or cuda:N)"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{device}: no CUDA device is available here (use --device cpu)"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"{device}: this machine has {torch.cuda.device_count()} CUDA devices"
+    elif dev.type != "cpu":
+        return f"{device}: only cpu and cuda are supported"
+    return None
 
 
 def main(argv=None) -> int:
@@ -149,14 +217,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    if problem := _device_problem(args.device):
+        p.error(f"--device {problem}")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is a file, not a folder")
     try:
-        written = predict(args.model, args.images, args.out, args.device, args.batch_size, args.tasks,
-                          args.checkpoint, not args.no_progress)
+        done = predict(args.model, args.images, args.out, args.device, args.batch_size, args.tasks,
+                       args.checkpoint, not args.no_progress)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{len(written)} files written under {args.out}")
-    return 0
+    for path, reason in done.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(f"{len(done.written)} files written under {args.out}"
+          + (f"; {len(done.skipped)} unreadable images skipped" if done.skipped else ""))
+    return 0 if done.written or not done.skipped else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ reads back as the model's prediction (real PNG files, an exported task model, th
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -147,3 +148,52 @@ def test_predict_bad_input_is_one_line(exported, tmp_path, capsys):
     assert predict_main(["--model", str(out), "--images", str(tmp_path / "missing.png"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--images" in err and "missing.png" in err
+
+
+def test_same_named_images_of_several_folders_keep_their_folder_in_the_name(exported, tmp_path):
+    out, images, _ = exported
+    for building in ("bldg0", "bldg1"):  # Taskonomy's view names recur in every building
+        (tmp_path / "in" / building).mkdir(parents=True)
+        shutil.copy(images / "img1.png", tmp_path / "in" / building / "point_0_view_0_domain_rgb.png")
+    assert predict_main(["--model", str(out / "normal.safetensors"), "--images", str(tmp_path / "in" / "bldg0"),
+                         str(tmp_path / "in" / "bldg1"), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "normal").iterdir()) == [
+        "bldg0__point_0_view_0_domain_rgb.png", "bldg0__point_0_view_0_domain_rgb_color.png",
+        "bldg1__point_0_view_0_domain_rgb.png", "bldg1__point_0_view_0_domain_rgb_color.png"]
+
+
+def test_an_unreadable_image_is_skipped_and_listed(exported, tmp_path, capsys):
+    out, images, _ = exported
+    shutil.copytree(images, tmp_path / "in")
+    (tmp_path / "in" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    assert predict_main(["--model", str(out / "normal.safetensors"), "--images", str(tmp_path / "in"),
+                         "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "6 files written" in captured.out and "1 unreadable images skipped" in captured.out
+    assert captured.err == f"skipped {tmp_path / 'in' / 'broken.png'}: Truncated File Read\n"  # PIL's words
+    assert predict_main(["--model", str(out / "normal.safetensors"), "--images", str(tmp_path / "in" / "broken.png"),
+                         "--out", str(tmp_path / "out"), "--no-progress"]) == 1  # nothing could be read
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "depth_zbuffer"], "has no model for depth_zbuffer (it has normal)"),
+    (["--device", "banana"], "'banana' is not a device"),
+    (["--device", "cuda:7"], "cuda:7"),
+])
+def test_predict_refuses_what_cannot_work_in_one_line(exported, tmp_path, capsys, argv, message):
+    out, images, _ = exported
+    try:
+        code = predict_main(["--model", str(out / "normal.safetensors"), "--images", str(images),
+                             "--out", str(tmp_path / "out"), "--no-progress", *argv])
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and message in err
+
+
+def test_predict_names_a_file_that_is_not_an_export(exported, tmp_path, capsys):
+    _, images, _ = exported
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert predict_main(["--model", str(tmp_path / "metrics.jsonl"), "--images", str(images), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "metrics.jsonl: not an exported model" in err

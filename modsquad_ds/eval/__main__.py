@@ -45,8 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-samples", type=int, help="evaluate only the split's first N samples")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if bool(args.run) == bool(args.run_folder):
-        parser.error("give the run folder once: --run DIR or DIR")
+    if not args.run and not args.run_folder:
+        parser.error("give the run folder: --run DIR or DIR")
+    if args.run and args.run_folder:
+        parser.error("give the run folder once: --run DIR or DIR, not both")
+    if args.max_samples is not None and args.max_samples < 1:
+        parser.error(f"--max-samples must be >= 1, got {args.max_samples}")
     args.run = args.run or args.run_folder
     return args
 

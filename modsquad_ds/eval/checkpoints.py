@@ -59,7 +59,9 @@ def load_weights(engine, folder: Path) -> None:
         path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_only=True,
                                          load_optimizer_states=False, load_lr_scheduler_states=False)
     except Exception as err:  # noqa: BLE001 - DeepSpeed raises many kinds; the user needs one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        # "Error(s) in loading state_dict for TrainModule:" says nothing without its next line
+        first = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
         raise CheckpointError(f"cannot load checkpoint {folder}: {type(err).__name__}: {first}") from None
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {folder}")

@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give --threshold PCT, --keep-top PCT or --whole")
     if args.usage == "calibration" and args.shards is None:
         p.error("--usage calibration needs --shards DIR")
+    for name in ("calibration_batches", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("threshold", "keep_top"):
         value = getattr(args, name)
         if value is not None and not 0 <= value <= 100:

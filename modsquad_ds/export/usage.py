@@ -48,7 +48,12 @@ def calibration_usage(model: torch.nn.Module, cfg, shards: str, split: str, max_
     """Usage of the full model in eval mode on ``split`` of the shards in ``shards`` (the paper's
     way: frequencies on data). Returns (tables, description)."""
     from modsquad_ds.data.loader import build_eval_loader
+    from modsquad_ds.data.shard_index import index_path
 
+    if not index_path(shards, split).is_file():
+        have = sorted(p.name[:-len(".index.json")] for p in Path(shards).glob("*.index.json"))
+        raise CheckpointError(f"--shards {shards}: no {split}.index.json for --split {split} "
+                              f"(splits there: {', '.join(have) or 'none; write shards with data_tools.make_shards'})")
     data = dataclasses.replace(cfg.data, source="shards", shards_dir=str(shards), workers=0,
                                batch_size=batch_size or cfg.data.batch_size)
     loader = build_eval_loader(dataclasses.replace(cfg, data=data), 0, 1, split)

@@ -200,7 +200,7 @@ def check_layout(folder: Path, layout: dict) -> None:
             hint = "or use --no-resume / another train.out_dir"
             if key in RESHARDABLE:  # the weights and optimizer state can move to another layout
                 hint += (f"; to continue on another layout: python -m modsquad_ds.reshard --run {folder.parents[1]} "
-                         f"--world-size N --ep-size E --out NEW_RUN_DIR, then train with train.out_dir=NEW_RUN_DIR")
+                         f"--world-size N --ep-size E --out NEW_RUN_DIR, then train with --config NEW_RUN_DIR/config.yaml")
             raise ResumeMismatch(f"{folder} was saved with {key}={saved[key]!r}, this run has {value!r}: "
                                  f"resuming needs the same {key} ({hint})")
 

@@ -62,6 +62,8 @@ def test_int_is_accepted_for_float_and_saved_config_round_trips(tmp_path):
     ("preset=huge", "preset", "unknown preset"),
     ("data.batch_size=0", "data.batch_size", ">= 1"),
     ("nonsense", "nonsense", "section.key=value"),
+    ("train.lr=inf", "train.lr", "must be a finite number, got inf"),  # > 0, but a NaN storm 10 steps later
+    ("loss.w_mi=.nan", "loss.w_mi", "must be a finite number"),
 ])
 def test_bad_values_name_the_key(override, key, words):
     with pytest.raises(ConfigError) as err:

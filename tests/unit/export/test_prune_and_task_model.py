@@ -19,7 +19,7 @@ from modsquad_ds.export.prune import kept_experts, prune_plan, pruned_task_model
 from modsquad_ds.export.task_model import TaskViT
 from modsquad_ds.model.vit import ModSquadViT
 from modsquad_ds.moe.router import RoutingResult, TaskRouter
-from modsquad_ds.train.checkpoint import ResumeMismatch, check_layout
+from modsquad_ds.train.checkpoint import CheckpointError, ResumeMismatch, check_layout
 from modsquad_ds.train.usage import UsageAccumulator
 
 TASKS = ["class_scene", "depth_zbuffer", "normal"]
@@ -164,3 +164,13 @@ def test_resume_refusal_points_at_reshard(tmp_path: Path):
         check_layout(folder, {"world_size": 4, "train.ep_size": 2})
     with pytest.raises(ResumeMismatch, match="--no-resume"):
         check_layout(folder, {"world_size": 2, "data.workers": 3})
+
+
+def test_calibration_on_a_split_the_shards_lack_names_the_splits_there(tmp_path: Path):
+    from modsquad_ds.config import load_config
+    from modsquad_ds.export.usage import calibration_usage
+
+    (tmp_path / "train.index.json").write_text("{}")
+    (tmp_path / "test.index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"no val.index.json for --split val \(splits there: test, train\)"):
+        calibration_usage(None, load_config(preset="tiny"), str(tmp_path), "val", None)

@@ -3,6 +3,7 @@ before anything is written (exit 2); a file that breaks the release encodings le
 out, listed; a job whose every sample was left out fails instead of writing an empty split."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -114,3 +115,32 @@ def test_verify_flags_an_index_without_samples_and_a_malformed_one(all_shards, t
         bad.write_text(json.dumps(broken))
         assert verify_shards.main(["--index", str(bad), "--no-progress"]) == 1
         assert _error_line(capsys).startswith(f"error: {bad}: ")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_writer_that_fails_ends_the_run_with_one_line_and_no_half_shards(mini_root, tmp_path, capsys,
+                                                                          monkeypatch, workers):
+    """A full disk (or any writer failure) in this process or in a forked writer: exit 1, the shard
+    and the error named, the unfinished files removed; the same command then resumes."""
+    import errno
+
+    out = tmp_path / "out"
+    write = make_shards.write_shard
+
+    def full_disk_at_the_second(job):
+        if job.name == "train-000001.tar":
+            (out / f".{job.name}.{os.getpid()}.tmp").write_bytes(b"half written")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(job)
+
+    monkeypatch.setattr(make_shards, "write_shard", full_disk_at_the_second)
+    args = ["--root", str(mini_root), "--out", str(out), "--split", "train", "--samples-per-shard", "10",
+            "--workers", str(workers), "--no-progress"]
+    assert make_shards.main(args) == 1
+    line = _error_line(capsys)
+    assert "No space left on device" in line and "unfinished files removed; rerun to resume" in line
+    if workers > 1:
+        assert "writing train-000001.tar failed" in line
+    assert not list(out.glob(".*"))
+    monkeypatch.setattr(make_shards, "write_shard", write)
+    assert make_shards.main(args) == 0

@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     resume.add_argument("--resume", dest="resume", action="store_true", default=None,
                         help="continue from the newest checkpoint in train.out_dir (the default)")
     resume.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="ignore existing checkpoints and start from scratch")
+                        help="start from scratch; an earlier run's files in train.out_dir move to "
+                             "replaced-<UTC time>/ there")
     # The deepspeed launcher appends --local_rank=N unless given --no_local_rank; LOCAL_RANK in the
     # environment says the same, so accept and ignore it.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)

@@ -80,7 +80,9 @@ def main() -> None:
             record["memory"].append({"preset": preset, "micro": micro, "zero": zero, "dtype": dtype,
                                      "overrides": overrides, "peak": m.peak_bytes, "between": m.before_step_bytes,
                                      "activations": m.saved_activation_bytes, "capacities": counter.capacities})
-        elif preset == "tiny":  # one counted step: forward and backward all-to-alls of every MoE MLP layer
+        elif preset == "tiny" and not cfg.model.grad_checkpointing:
+            # one counted step: forward and backward all-to-alls of every MoE MLP layer (checkpointing
+            # would add the recomputed forward's)
             engine = _engine(cfg, zero, dtype, micro)
             batch = synthetic_batch(cfg.tasks.names, micro, cfg.model.img_size,
                                     generator=torch.Generator().manual_seed(ctx.rank))

@@ -119,9 +119,10 @@ def load_predictor(model: Path, device: torch.device, tasks: list[str] | None, s
 
 
 def _full_predictor(full, cfg, tasks):
+    unknown = sorted(set(tasks or []) - set(cfg.tasks.names))
+    if unknown:
+        raise ConfigError("--tasks", f"the model has no task {', '.join(unknown)} (it has {', '.join(cfg.tasks.names)})")
     names = [t for t in cfg.tasks.names if tasks is None or t in tasks]
-    if not names:
-        raise ConfigError("--tasks", f"none of {tasks} is a task of the model ({', '.join(cfg.tasks.names)})")
     keep = {t: tuple(getattr(cfg.data, f"{t}_keep", None) or default_keep(t)) for t in names
             if get_task(t).kind == "class"}
     return (lambda x: full(x, names).preds), names, cfg.model.img_size, keep

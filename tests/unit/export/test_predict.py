@@ -191,6 +191,13 @@ def test_predict_refuses_what_cannot_work_in_one_line(exported, tmp_path, capsys
     assert code == 2 and message in err
 
 
+def test_a_whole_model_names_the_tasks_it_lacks(exported, tmp_path, capsys):
+    out, images, _ = exported
+    assert predict_main(["--model", str(out / "whole" / "whole.safetensors"), "--images", str(images),
+                         "--out", str(tmp_path), "--tasks", "normal", "edge_texture", "--no-progress"]) == 2
+    assert "the model has no task edge_texture (it has class_scene, depth_zbuffer, normal)" in capsys.readouterr().err
+
+
 def test_predict_names_a_file_that_is_not_an_export(exported, tmp_path, capsys):
     _, images, _ = exported
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')

@@ -3,7 +3,7 @@
 #
 #     bash benchmarks/gpu_check.sh            # from the repository root; results in $OUT/gpu_check.txt
 #
-# 1. installs the carried wheels (./wheels, made by benchmarks/gpu_wheels.sh) into /tmp/site;
+# 1. installs the carried wheels (./wheels, made by benchmarks/gpu_wheels.sh) into a private temp folder;
 # 2. tests/gpu, part one: the fast layers against the reference, the trainer on CUDA with every
 #    ds_config (resume, bf16 vs fp32);
 # 3. the benchmarks: benchmarks/moe_layer.py (small, base), benchmarks/train_step.py (small with
@@ -11,10 +11,14 @@
 #    step, on a 224 px mini-Taskonomy made on the spot), each ratio measured side by side in one run;
 # 4. tests/gpu, the rest: evaluation, export and the planner on CUDA;
 # 5. benchmarks/train_step.py --compile on the small preset, with what is left of the budget.
-# Each part has its own deadline inside the budget (default 450 s, under the 8 minutes).
-# Everything goes into one file, $OUT/gpu_check.txt (OUT defaults to runs/gpu_check). Parts that
-# fail or run out of time are recorded and the script goes on. Without CUDA the GPU tests skip and
-# the benchmarks run their CPU shapes (a dry run of this script).
+# Each part has its own deadline inside the budget (default 450 s, under the 8 minutes); the
+# parts' deadlines add up to more than the budget, so the later ones run with what the earlier left
+# (a part with under 20 s left is recorded as SKIPPED). Everything goes into one file,
+# $OUT/gpu_check.txt (OUT defaults to runs/gpu_check). Parts that fail or run out of time are
+# recorded and the script goes on; what a part started and left running (the trainer tests start
+# their runs in sessions of their own, beyond timeout's reach) is killed before the next part is
+# timed. The last line counts the parts that failed; the exit status is 1 if any did. Without CUDA
+# the GPU tests skip and the benchmarks run their CPU shapes (a dry run of this script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -24,24 +28,40 @@ mkdir -p "$OUT"
 RESULTS="$OUT/gpu_check.txt"
 : > "$RESULTS"
 PY=${PYTHON:-python3}
+WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)  # private: two checks on one machine never share files
+trap 'rm -rf "$WORK"' EXIT
+FAILED=()
 log() { echo "$*" | tee -a "$RESULTS"; }
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+reap() {  # kill every process that carries part marker $1 in its environment
+    local pid
+    for pid in $(grep -lsz "^GPU_CHECK_PART=$1\$" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3); do
+        kill -9 "$pid" 2>/dev/null && echo "== killed leftover process $pid of this part" >> "$RESULTS"
+    done
+}
 part() {  # part NAME SECONDS COMMAND...: run with a deadline, output into the results file
     local name=$1 limit=$2; shift 2
     local remaining; remaining=$(left)
     (( limit > remaining )) && limit=$remaining
-    if (( limit < 20 )); then log "== $name: SKIPPED (budget spent)"; return; fi
+    if (( limit < 20 )); then log "== $name: SKIPPED (budget spent)"; FAILED+=("$name (skipped)"); return; fi
     log "== $name (limit ${limit}s): $*"
-    local t0; t0=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$RESULTS"
-    local rc=${PIPESTATUS[0]}
+    local t0 marker start; t0=$(date +%s); marker="$$-${#FAILED[@]}-$t0"; start=$(wc -c < "$RESULTS")
+    # into the file, not through a pipe: a leftover process holding the pipe would keep this part
+    # waiting past its deadline
+    GPU_CHECK_PART=$marker timeout --kill-after=10 "$limit" "$@" >> "$RESULTS" 2>&1
+    local rc=$?
+    reap "$marker"
+    tail -c +$(( start + 1 )) "$RESULTS" | tail -n 12  # the part's last lines, on the console too
+    (( rc != 0 )) && FAILED+=("$name (exit $rc)")
     log "== $name: exit $rc after $(( $(date +%s) - t0 ))s"
 }
 
 if compgen -G "wheels/*.whl" > /dev/null; then
-    rm -rf /tmp/site
-    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site wheels/*.whl 2>&1 | tail -n 3
-    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    "$PY" -m pip install -q --no-index --no-deps --target "$WORK/site" wheels/*.whl >> "$RESULTS" 2>&1
+    rc=$?
+    (( rc != 0 )) && FAILED+=("wheels (pip exit $rc)")
+    log "== wheels: pip exit $rc ($(ls wheels/*.whl | wc -l) wheels into $WORK/site)"
+    export PYTHONPATH="$WORK/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -62,7 +82,7 @@ for name in ("deepspeed", "timm", "webdataset"):
 print("grouped_mm:", hasattr(torch.nn.functional, "grouped_mm"))
 PY
 
-DATA=${GPU_CHECK_DATA:-/tmp/gpu_check_data}
+DATA=${GPU_CHECK_DATA:-$WORK/data}
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     LAYER_ARGS=(--shapes small base) SMALL_ARGS=(--presets small --batch 32) BASE_ARGS=(--presets base --batch 16)
     # 8 training buildings x 80 views = 640 samples at 224 px: 20 batches of 32, the trainer's two
@@ -96,4 +116,5 @@ part "tests/gpu: the rest" 240 "$PY" -m pytest -v -rfEs -p no:cacheprovider test
 if (( ${#BASE_ARGS[@]} )); then
     part "train_step small, compiled" 150 "$PY" benchmarks/train_step.py "${SMALL_ARGS[@]}" --no-loop --compile
 fi
-log "gpu_check done in $(( $(date +%s) - START ))s"
+log "gpu_check done in $(( $(date +%s) - START ))s; ${#FAILED[@]} parts failed or skipped${FAILED:+: ${FAILED[*]}}"
+(( ${#FAILED[@]} == 0 ))

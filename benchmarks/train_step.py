@@ -5,7 +5,8 @@ Variants: ``dense`` (build_dense_peer), ``modsquad`` (task-batched: all tasks in
 ``modsquad+ckpt`` (model.grad_checkpointing), ``modsquad+compile`` (model.compile, with
 ``--compile``), and ``loop`` (one forward per task, the reference
 code's way; benchmarks/task_batched.py has its details). Plain PyTorch, no engine: the model's cost
-alone. On CUDA: bf16 autocast and fused AdamW, peak memory from the allocator. On CPU: fp32 and,
+alone. On CUDA: bf16 autocast and fused AdamW, and each variant's own peak memory (its weights and
+AdamW state, plus the most one step adds, from the allocator). On CPU: fp32 and,
 as the memory figure, the bytes autograd keeps for backward (distinct saved storages, parameters left
 out), measured on one step.
 
@@ -76,13 +77,23 @@ def _saved_bytes(variant, batch) -> int:
     return saved_bytes(lambda: variant(batch), [*variant.model.parameters(), *variant.objective.parameters()])
 
 
+def _resident_bytes(variant) -> int:
+    """What a variant holds between steps: its weights and AdamW's state (its gradients are freed)."""
+    tensors = [*variant.model.parameters(), *variant.objective.parameters()]
+    tensors += [t for state in variant.opt.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _peak_bytes(variant, batch) -> int:
+    """The variant's own peak over one step: what it holds between steps plus the most the step adds.
+    Every variant's weights sit on the GPU together, so the allocator's peak alone would count the
+    others' too, and its rise over the start alone would leave out this variant's weights and state."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     variant(batch)
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    return _resident_bytes(variant) + torch.cuda.max_memory_allocated() - base
 
 
 def _gpu_busy_ms(variant, batch) -> float | None:
@@ -157,7 +168,7 @@ def main(argv=None) -> None:
     presets = args.presets or (["small", "base"] if cuda else ["tiny", "small"])
     batch, repeats = args.batch or (16 if cuda else 2), args.repeats or (10 if cuda else 3)
     where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    mem = "peak allocated" if cuda else "saved for backward"
+    mem = "peak (weights+Adam+step)" if cuda else "saved for backward"
     print(f"torch {torch.__version__}, {where}, {'bf16 autocast' if cuda else 'fp32'}, {batch} images x 13 tasks, "
           f"median of {repeats}")
     results = {}

@@ -6,6 +6,7 @@ cold-cache cost every new machine or container pays; a second "built" run shows 
     .venv/bin/python benchmarks/dist_init.py
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -33,7 +34,8 @@ def run(build: bool, ext_dir: str) -> dict:
     return result
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     with tempfile.TemporaryDirectory() as cold:
         rows = [("skipped (default)", run(False, cold)),
                 ("built, cold cache", run(True, cold)),

@@ -2,15 +2,16 @@
 
 Part 1 (2 gloo processes, one thread each, DeepSpeed engine, ZeRO 0 fp32, AdamW): training-step
 throughput of ep_size 1 (experts replicated, plain data parallelism) vs ep_size 2 (experts sharded,
-two all-to-alls per MoE MLP layer), for the tiny preset and a wider model, side by side; plus the
-time to the first step (process start -> first step done).
+two all-to-alls per MoE MLP layer), for the tiny preset and a wider model, side by side, with ep_size
+1 through DeepSpeed's MOELayer as the peer that runs ep_size 2's compute path without its all-to-all
+(VARIANTS); plus the time to the first step (process start -> first step done).
 
 Part 2 (one process, one thread): one MoE MLP layer, forward + backward per token:
 ExpertParallelMoEMlp (per-task routers, dropless) vs deepspeed.moe.layer.MoE with its TopKGate,
 same experts (timm Mlp), same count, same k; stock both dropless (drop_tokens=False) and with its
 default capacity factor 1.0 (drops tokens).
 
-    .venv/bin/python benchmarks/ep_throughput.py            # ~2-3 minutes on 2 cores
+    .venv/bin/python benchmarks/ep_throughput.py            # about a minute on 2 idle cores
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ MODELS = {
               "moe.mlp.num_experts=16", "moe.mlp.top_k=4"], 8, 5),
 }
 TASKS = ["class_scene", "edge_texture", "keypoints2d", "segment_unsup2d"]
+VARIANTS = {"ep1": 1, "ep1_moelayer": 1, "ep2": 2}
+"""ep1 runs the MoE MLP layers' local dropless dispatch; ep2 must go through DeepSpeed's MOELayer
+(equal-capacity buffers for its all-to-all), and so does ep1_moelayer, on one rank's experts with
+no all-to-all: ep2 against ep1_moelayer prices the communication alone, ep2 against ep1 all of it."""
 
 
 def _worker(out: Path) -> None:
@@ -54,7 +59,7 @@ def _worker(out: Path) -> None:
     from modsquad_ds.data.synthetic import synthetic_batch
     from modsquad_ds.model.factory import build_model
     from modsquad_ds.model.objective import MultiTaskObjective
-    from modsquad_ds.moe.ds_adapter import convert_to_expert_parallel, moe_param_groups
+    from modsquad_ds.moe.ds_adapter import ExpertParallelMoEMlp, convert_to_expert_parallel, moe_param_groups
 
     class TrainModule(torch.nn.Module):
         def __init__(self, model, objective):
@@ -71,28 +76,32 @@ def _worker(out: Path) -> None:
         batch = synthetic_batch(TASKS, batch_size, cfg.model.img_size,
                                 generator=torch.Generator().manual_seed(ctx.rank))
         engines = {}
-        for ep_size in (1, 2):
+        for label, ep_size in VARIANTS.items():
             dist.barrier()
             t0 = time.perf_counter()
             torch.manual_seed(0)
             module = TrainModule(build_model(cfg), MultiTaskObjective(cfg))
             convert_to_expert_parallel(module.model, ep_size)
+            if label == "ep1_moelayer":  # the ep2 compute path (DeepSpeed's MOELayer), without the all-to-all
+                for layer in module.model.modules():
+                    if isinstance(layer, ExpertParallelMoEMlp):
+                        layer.local_dispatch = False
             engine, *_ = deepspeed.initialize(
                 model=module, optimizer=torch.optim.AdamW(moe_param_groups(module, 0.05), lr=1e-4),
                 config={"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
                         "zero_optimization": {"stage": 0}, "steps_per_print": 10**9})
-            engines[ep_size] = (engine, time.perf_counter() - t0, [])
-        # interleaved (ep1, ep2, ep1, ...) so that load from other processes hits both alike
+            engines[label] = (engine, time.perf_counter() - t0, [])
+        # interleaved (ep1, ep1_moelayer, ep2, ep1, ...) so that load from other processes hits all alike
         for i in range(steps + 1):
-            for ep_size, (engine, _, times) in engines.items():
+            for label, (engine, _, times) in engines.items():
                 dist.barrier()
                 t1 = time.perf_counter()
                 loss = engine(batch)
                 engine.backward(loss)
                 engine.step()
                 times.append(time.perf_counter() - t1)
-        for ep_size, (engine, t_engine, times) in engines.items():
-            results[f"{name}/ep{ep_size}"] = {
+        for label, (engine, t_engine, times) in engines.items():
+            results[f"{name}/{label}"] = {
                 "engine_s": t_engine, "first_step_s": times[0], "step_s": statistics.median(times[1:]),
                 "images_per_s": 2 * batch_size / statistics.median(times[1:]),
                 "params_per_rank": sum(p.numel() for p in engine.module.parameters())}
@@ -174,8 +183,8 @@ def _layer_bench(reps: int = 20) -> list[tuple]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", type=Path)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # one rank of Part 1 (internal)
     args = parser.parse_args()
     if args.worker:
         _worker(args.worker)
@@ -184,13 +193,14 @@ def main() -> None:
     r = _run_ranks()
     print("\n== Part 1: training step on 2 CPU ranks (gloo, 1 thread each, ZeRO 0 fp32), "
           f"{len(TASKS)} tasks, per-rank batch {MODELS['tiny'][1]} ==")
-    print(f"{'model':<6} {'ep1 step ms':>11} {'ep2 step ms':>11} {'ep2/ep1 thru':>13} "
-          f"{'ep1 img/s':>9} {'ep2 img/s':>9} {'params/rank ep1':>15} {'ep2':>9} "
+    print(f"{'model':<6} {'ep1 step ms':>11} {'ep1 MOELayer':>12} {'ep2 step ms':>11} {'ep2/ep1 thru':>13} "
+          f"{'ep2/ep1 MOELayer':>16} {'ep1 img/s':>9} {'ep2 img/s':>9} {'params/rank ep1':>15} {'ep2':>9} "
           f"{'engine s ep1/ep2':>17} {'1st step s ep1/ep2':>19}")
     for name in MODELS:
-        a, b = r[f"{name}/ep1"], r[f"{name}/ep2"]
-        print(f"{name:<6} {a['step_s'] * 1e3:>11.1f} {b['step_s'] * 1e3:>11.1f} "
-              f"{a['step_s'] / b['step_s']:>12.2f}x {a['images_per_s']:>9.1f} {b['images_per_s']:>9.1f} "
+        a, m, b = r[f"{name}/ep1"], r[f"{name}/ep1_moelayer"], r[f"{name}/ep2"]
+        print(f"{name:<6} {a['step_s'] * 1e3:>11.1f} {m['step_s'] * 1e3:>12.1f} {b['step_s'] * 1e3:>11.1f} "
+              f"{a['step_s'] / b['step_s']:>12.2f}x {m['step_s'] / b['step_s']:>15.2f}x "
+              f"{a['images_per_s']:>9.1f} {b['images_per_s']:>9.1f} "
               f"{a['params_per_rank']:>15,} {b['params_per_rank']:>9,} "
               f"{a['engine_s']:>8.2f}/{b['engine_s']:<8.2f} {a['first_step_s']:>9.2f}/{b['first_step_s']:<9.2f}")
     first = r["tiny/ep1"]

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from _cli import one_line_errors, positive
 from modsquad_ds.config import load_config
 from modsquad_ds.export.prune import prune_plan, pruned_task_model
 from modsquad_ds.export.task_model import TaskViT
@@ -83,16 +84,17 @@ def timed(fn):
 
 
 @torch.no_grad()
+@one_line_errors
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="a trained run folder (default: a specialised random model)")
     p.add_argument("--preset", default="small")
     p.add_argument("--tasks", nargs="+", default=["depth_zbuffer", "normal", "edge_texture", "class_scene"])
     p.add_argument("--threshold", type=float, default=1.0, help="percent (paper: 1.0)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--batch", type=positive, default=8)
+    p.add_argument("--reps", type=positive, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=positive, default=1, help="torch CPU threads (default 1)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from _cli import one_line_errors, positive
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modsquad_ds.config import load_config
@@ -121,11 +123,12 @@ def run_preset(preset: str, repeats: int) -> dict:
             for name, c in counts.items()}
 
 
+@one_line_errors
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["small", "base"])
-    parser.add_argument("--repeats", type=int, default=7, help="timed steps per variant (median)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (host work is single-threaded)")
+    parser.add_argument("--repeats", type=positive, default=7, help="timed steps per variant (median)")
+    parser.add_argument("--threads", type=positive, default=1, help="torch threads (host work is single-threaded)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

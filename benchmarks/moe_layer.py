@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from timm.layers import Attention, Mlp
 
+from _cli import one_line_errors, positive
 from modsquad_ds.moe import MoEAttention, MoEMlp
 
 try:
@@ -175,12 +176,13 @@ def run(shape: str, device, dtype, reps: int, with_deepspeed: bool, mlp_only: bo
     return results
 
 
+@one_line_errors
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=None,
                         help="default: cpu on CPU, small base on CUDA")
-    parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 10 CPU, 30 CUDA)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--reps", type=positive, default=None, help="timed rounds (default 10 CPU, 30 CUDA)")
+    parser.add_argument("--threads", type=positive, default=2, help="CPU threads")
     parser.add_argument("--no-deepspeed", action="store_true", help="leave out the DeepSpeed layers")
     parser.add_argument("--cpu-time", action="store_true",
                         help="CPU: time the process's CPU seconds, not wall time (a machine shared with other "

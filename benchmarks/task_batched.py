@@ -2,7 +2,8 @@
 
 Both compute the same loss and gradients (tests/unit/model/test_vit.py proves the forwards equal);
 the batched form runs the task-independent prefix once and every layer once over all task slots,
-so each matmul is T times larger. Prints the ratio measured side by side in one run.
+so each matmul is T times larger. Prints the ratio measured side by side in one run (the two
+alternating, medians).
 
     .venv/bin/python benchmarks/task_batched.py [--presets tiny small] [--batch 4] [--repeats 5]
 """
@@ -15,6 +16,7 @@ import time
 
 import torch
 
+from _cli import one_line_errors, positive
 from modsquad_ds.config import load_config
 from modsquad_ds.data.synthetic import synthetic_batch
 from modsquad_ds.model import build_model
@@ -39,24 +41,30 @@ def step_loop(model, objective, batch):
     loss.backward()
 
 
-def measure(fn, model, objective, batch, repeats: int) -> float:
-    fn(model, objective, batch)  # warm-up
-    times = []
+def measure(steps: dict, model, objective, batch, repeats: int) -> dict[str, float]:
+    """Median seconds of each step function, run round robin (outside load hits them alike)."""
+    for step in steps.values():
+        step(model, objective, batch)  # warm-up
+    times = {name: [] for name in steps}
     for _ in range(repeats):
-        model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        fn(model, objective, batch)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, step in steps.items():
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            step(model, objective, batch)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
+@one_line_errors
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
-    parser.add_argument("--batch", type=int, default=4, help="images per step (every image has all 13 tasks)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=positive, default=4, help="images per step (every image has all 13 tasks)")
+    parser.add_argument("--repeats", type=positive, default=5)
     parser.add_argument("--img-size", type=int, default=None, help="override the preset's image size")
+    parser.add_argument("--threads", type=positive, default=2, help="torch CPU threads (default 2)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} images x 13 tasks")
     print(f"{'preset':<8}{'batched ms':>12}{'loop ms':>10}{'loop / batched':>16}")
     for preset in args.presets:
@@ -67,8 +75,8 @@ def main(argv=None) -> None:
         torch.manual_seed(0)
         model, objective = build_model(cfg), MultiTaskObjective(cfg)
         batch = synthetic_batch(cfg.tasks.names, args.batch, cfg.model.img_size, torch.Generator().manual_seed(0))
-        batched = measure(step_batched, model, objective, batch, args.repeats)
-        loop = measure(step_loop, model, objective, batch, args.repeats)
+        seconds = measure({"batched": step_batched, "loop": step_loop}, model, objective, batch, args.repeats)
+        batched, loop = seconds["batched"], seconds["loop"]
         print(f"{preset:<8}{batched * 1e3:>12.1f}{loop * 1e3:>10.1f}{loop / batched:>15.2f}x", flush=True)
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import one_line_errors, positive  # noqa: E402
 from task_batched import step_loop  # noqa: E402  (one forward per task; reused, not duplicated)
 
 from modsquad_ds.config import load_config  # noqa: E402
@@ -151,12 +152,13 @@ def run_preset(preset, batch_size, repeats, device, with_loop=True, with_compile
             for k in ms}
 
 
+@one_line_errors
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=None, help="default: tiny small (CPU), small base (CUDA)")
-    parser.add_argument("--batch", type=int, default=None, help="images per step (default 2 CPU, 16 CUDA)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 3 CPU, 10 CUDA)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=positive, default=None, help="images per step (default 2 CPU, 16 CUDA)")
+    parser.add_argument("--repeats", type=positive, default=None, help="timed steps per variant (default 3 CPU, 10 CUDA)")
+    parser.add_argument("--threads", type=positive, default=2)
     parser.add_argument("--no-loop", action="store_true", help="leave out the loop over tasks (slow)")
     parser.add_argument("--compile", action="store_true",
                         help="add Mod-Squad with model.compile (torch.compile per block; compiling takes tens of seconds)")

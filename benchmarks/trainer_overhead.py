@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import one_line_errors, positive  # noqa: E402
 from train_step import Variant, _peak_bytes, _step_batched, _sync  # noqa: E402
 
 from modsquad_ds.config import load_config  # noqa: E402
@@ -52,19 +54,24 @@ def loader_rate(cfg, batches: int) -> float:
     return images / (time.perf_counter() - t0)
 
 
-def plain_rate(cfg, model, bf16: bool, steps: int, device) -> tuple[float, int]:
-    """Images/s and peak bytes (CUDA; 0 elsewhere) of the plain step on real batches held in memory."""
+def plain_rate(cfg, model, bf16: bool, steps: int, device, windows: int = 3) -> tuple[float, int]:
+    """Images/s and peak bytes (CUDA; 0 elsewhere) of the plain step on real batches held in memory:
+    the median of ``windows`` windows of ``steps`` back-to-back steps (a window, like the trainer's
+    logging window, lets a GPU overlap one step's launches with the last one's kernels)."""
     batches = [to_device(b, device) for b in itertools.islice(iter(build_train_loader(cfg, 0, 1, 0)), 4)]
     step = Variant("plain", model, MultiTaskObjective(cfg), _step_batched, device, bf16=bf16)
     for batch in batches[:2]:
         step(batch)  # warm-up
     peak = _peak_bytes(step, batches[0]) if device.type == "cuda" else 0
-    _sync(device)
-    t0 = time.perf_counter()
-    for batch in itertools.islice(itertools.cycle(batches), steps):
-        step(batch)
-    _sync(device)
-    return steps * batches[0]["image"].shape[0] / (time.perf_counter() - t0), peak
+    rates = []
+    for _ in range(windows):
+        _sync(device)
+        t0 = time.perf_counter()
+        for batch in itertools.islice(itertools.cycle(batches), steps):
+            step(batch)
+        _sync(device)
+        rates.append(steps * batches[0]["image"].shape[0] / (time.perf_counter() - t0))
+    return statistics.median(rates), peak
 
 
 def trainer_rate(config: str, overrides: list[str], steps: int) -> dict:
@@ -83,12 +90,13 @@ def trainer_rate(config: str, overrides: list[str], steps: int) -> dict:
             "max_memory_gib": last.get("perf/max_memory_gib")}
 
 
+@one_line_errors
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml", help="the run config (default configs/demo.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides, for the trainer and the plain step alike")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 CPU, 30 CUDA)")
+    parser.add_argument("--steps", type=positive, default=None, help="timed steps (default 10 CPU, 30 CUDA)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     cfg = load_config([ROOT / args.config], args.overrides)
@@ -106,6 +114,8 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     plain, plain_peak = plain_rate(cfg, build_model(cfg), bf16, steps, device)
     dense, dense_peak = plain_rate(cfg, build_dense_peer(cfg), bf16, steps, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the trainer runs in another process, on the same GPU
     trainer = trainer_rate(args.config, args.overrides, steps)
     loader = loader_rate(cfg, max(steps, 8))
 

@@ -27,12 +27,14 @@ from pathlib import Path
 
 import torch
 
+from _cli import positive
 from modsquad_ds.config.schema import PAPER_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_TASKS = ["class_object", "class_scene"]
 SOURCE_TASKS = [t for t in PAPER_TASKS if t not in NEW_TASKS]
 MODES = ["routers", "heads", "all", "scratch"]
+SOURCE_WARMUP = 10  # warm-up steps of the source run
 
 
 def run(cmd: list[str]) -> float:
@@ -121,12 +123,17 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default="data_cache/mini_taskonomy_32", help="mini-Taskonomy folder (made if absent)")
     parser.add_argument("--out", default="runs/transfer", help="folder for the source and fine-tuned runs")
     parser.add_argument("--fraction", type=float, default=0.05, help="share of the training split to learn from")
-    parser.add_argument("--source-steps", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of each fine-tuning mode")
-    parser.add_argument("--batch", type=int, default=2, help="images per step in fine-tuning")
+    parser.add_argument("--source-steps", type=int, default=200, help="steps of the source run (>= 10: its "
+                        "warm-up)")
+    parser.add_argument("--steps", type=positive, default=100, help="optimizer steps of each fine-tuning mode")
+    parser.add_argument("--batch", type=positive, default=2, help="images per step in fine-tuning")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     args = parser.parse_args(argv)
+    if args.source_steps < SOURCE_WARMUP:
+        parser.error(f"--source-steps must be >= {SOURCE_WARMUP} (the source run's warm-up), got {args.source_steps}")
+    if not 0 < args.fraction <= 1:
+        parser.error(f"--fraction must be in (0, 1], got {args.fraction}")
 
     shards = make_data(Path(args.data))
     out = Path(args.out)
@@ -135,7 +142,7 @@ def main(argv=None) -> int:
     if not (src / "checkpoints" / f"step_{args.source_steps:08d}").is_dir():
         source_seconds = run(train_cmd(
             f"data.shards_dir={shards}", f"tasks.names=[{','.join(SOURCE_TASKS)}]", "data.batch_size=4",
-            "data.workers=1", f"train.steps={args.source_steps}", "train.warmup_steps=10", "train.lr=1e-3",
+            "data.workers=1", f"train.steps={args.source_steps}", f"train.warmup_steps={SOURCE_WARMUP}", "train.lr=1e-3",
             "train.log_every=25", f"train.out_dir={src}", config=["configs/demo.yaml"]))
     rows = []
     for mode in args.modes:

@@ -137,6 +137,7 @@ def main(argv=None) -> int:
                 # their clean exit into "killed" (srun would report 143, not 3). Set on every rank
                 # before shutdown's barrier, so before any rank can exit.
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # nor a Ctrl-C a launcher forwards again
         except NonFiniteLoss as err:
             die(f"rank {ctx.rank}: {err}", EXIT_NONFINITE)
         except CorruptDataError as err:
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
             else:
                 status = "stopped early (run the same command to resume)" if result.stopped_early else "done"
                 if result.stopped_by_signal:
-                    status = f"stopped by SIGTERM, exit code {EXIT_STOPPED} (run the same command to resume)"
+                    status = f"stopped by SIGTERM or Ctrl-C, exit code {EXIT_STOPPED} (run the same command to resume)"
                 summary = (f"{status}: step {result.position.step}, loss {loss:.4f}, "
                            f"{result.images_per_second:.1f} images/s, first step after "
                            f"{result.seconds_to_first_step:.1f}s")

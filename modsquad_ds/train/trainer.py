@@ -22,6 +22,7 @@ from modsquad_ds.config.schema import RunConfig
 from modsquad_ds.data.loader import build_train_loader
 from modsquad_ds.distributed.collectives import all_reduce_sum_autograd, is_distributed, step_vote
 from modsquad_ds.distributed.ds_config import save_ds_config
+from modsquad_ds.distributed.launcher_watch import LauncherWatch
 from modsquad_ds.model.factory import build_model
 from modsquad_ds.model.objective import MultiTaskObjective
 from modsquad_ds.moe.ds_adapter import clip_grad_norm_, convert_to_expert_parallel, moe_param_groups
@@ -211,9 +212,12 @@ class Trainer:
                 logger.message(zero_note(cfg))
         result = RunResult(self.out_dir, self.position)
         requests = StopRequests().install()
+        # a launcher that ends without stopping its ranks (kill PID of the deepspeed command) stops them
+        watch = LauncherWatch(on_gone=requests.request_stop).start()
         try:
             self._loop(engine, logger, result, started, requests)
         finally:
+            watch.stop()
             requests.uninstall()
             logger.close()
         if self.saved_step != self.position.step:
@@ -297,7 +301,7 @@ class Trainer:
                 requests.save = False
                 path = self._save(engine)
                 if save:
-                    why = "SIGTERM: saved, stopping" if stop else "SIGUSR1: saved, going on"
+                    why = "SIGTERM or Ctrl-C: saved, stopping" if stop else "SIGUSR1: saved, going on"
                     logger.message(f"step {pos.step}: checkpoint {path} ({why})")
             if last:
                 result.stopped_early = pos.step < t.steps

@@ -265,7 +265,7 @@ def test_signals_save_on_demand_and_stop_cleanly(shards, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 3, output[-3000:]
     assert f"step {first.split('_')[1].lstrip('0')}: checkpoint " in output and "(SIGUSR1: saved, going on)" in output
-    assert "stopped by SIGTERM, exit code 3" in output
+    assert "stopped by SIGTERM or Ctrl-C, exit code 3" in output
     last = (out / "checkpoints" / "latest").read_text()
     assert int(last.split("_")[1]) > int(first.split("_")[1])
     assert int(last.split("_")[1]) == logged_steps(), "the stop checkpoint is the last step taken"

@@ -289,16 +289,15 @@ def scenario_lock_and_signals(report: Report, shards: Path, work: Path) -> None:
         third.kill()
     latest = (out / "checkpoints" / "latest").read_text()
     ok = (code == EXIT_STOPPED and int(latest.split("_")[1]) == logged_steps(out)
-          and "killed by signal" not in output and "stopped by SIGTERM, exit code 3" in output)
+          and "killed by signal" not in output and "stopped by SIGTERM or Ctrl-C, exit code 3" in output)
     report.check("SIGTERM, one process, loader workers on", ok,
                  f"exit {code}, checkpoint {latest} = last step {logged_steps(out)}", seconds, output)
 
 
 def _signal_launcher(report: Report, case: str, name: str, shards: Path, work: Path, launcher: tuple[str, ...],
-                     send) -> None:
+                     send, sets: tuple[str, ...] = ("train.ep_size=2",)) -> None:
     out = work / name
-    proc = Proc(train_cmd(shards, out, "train.ep_size=2", "train.steps=100000", launcher=launcher),
-                work / f"{out.name}.log")
+    proc = Proc(train_cmd(shards, out, *sets, "train.steps=100000", launcher=launcher), work / f"{out.name}.log")
     try:
         wait_until(lambda: logged_steps(out) >= 2, "training to start", proc)
         t0 = time.monotonic()
@@ -311,7 +310,7 @@ def _signal_launcher(report: Report, case: str, name: str, shards: Path, work: P
     latest_file = out / "checkpoints" / "latest"
     latest = latest_file.read_text() if latest_file.is_file() else "none"
     ok = (latest != "none" and int(latest.split("_")[1]) == logged_steps(out)
-          and "killed by signal" not in output and "stopped by SIGTERM, exit code 3" in output)
+          and "killed by signal" not in output and "stopped by SIGTERM or Ctrl-C, exit code 3" in output)
     report.check(case, ok, f"checkpoint {latest} = last step {logged_steps(out)}, no worker killed", seconds,
                  output)
 
@@ -325,12 +324,25 @@ def scenario_sigterm_torchrun(report: Report, shards: Path, work: Path) -> None:
 
 def scenario_sigterm_deepspeed(report: Report, shards: Path, work: Path) -> None:
     """SIGTERM to the deepspeed launcher's process group: its per-node launcher terminates each
-    rank's whole process tree."""
+    rank's whole process tree. Then ``kill PID`` of the deepspeed command alone, which ends it and
+    nothing else: the ranks notice their launcher is gone (launcher_watch) and stop the same way."""
     from modsquad_ds.distributed.env import free_port
 
-    launcher = (str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module")
-    _signal_launcher(report, "SIGTERM to deepspeed (2 ranks, loader workers on)", "deepspeed", shards, work, launcher,
-                     lambda proc: os.killpg(proc.p.pid, signal.SIGTERM))
+    for case, name, send in (("SIGTERM to deepspeed (2 ranks, loader workers on)", "deepspeed",
+                              lambda proc: os.killpg(proc.p.pid, signal.SIGTERM)),
+                             ("SIGTERM to the deepspeed command alone (kill PID)", "deepspeed_pid",
+                              lambda proc: os.kill(proc.p.pid, signal.SIGTERM))):
+        launcher = (str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module")
+        _signal_launcher(report, case, name, shards, work, launcher, send)
+
+
+def scenario_ctrl_c(report: Report, shards: Path, work: Path) -> None:
+    """Ctrl-C as a terminal sends it, to the whole foreground process group: one process, and torchrun
+    (which forwards it to its ranks' sessions); both save and stop like SIGTERM."""
+    _signal_launcher(report, "Ctrl-C, one process (loader workers on)", "ctrl_c", shards, work, (sys.executable, "-m"),
+                     lambda proc: os.killpg(proc.p.pid, signal.SIGINT), sets=())
+    _signal_launcher(report, "Ctrl-C to torchrun (2 ranks, loader workers on)", "ctrl_c_torchrun", shards, work,
+                     torchrun(), lambda proc: os.killpg(proc.p.pid, signal.SIGINT))
 
 
 def scenario_peer_killed(report: Report, shards: Path, work: Path) -> None:
@@ -494,6 +506,7 @@ SCENARIOS = {
     "lock": scenario_lock_and_signals,
     "torchrun": scenario_sigterm_torchrun,
     "deepspeed": scenario_sigterm_deepspeed,
+    "ctrl_c": scenario_ctrl_c,
     "peer": scenario_peer_killed,
     "ckpt": scenario_checkpoints,
     "samples": scenario_bad_samples,

@@ -92,7 +92,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm_env, shards, t
     output = out_file.read_text()
     # the batch shell's `scancel --signal=TERM` reaches the loader workers too: they must outlive it
     assert "killed by signal" not in output and "Traceback" not in output, output[-3000:]
-    stopped = int(re.search(r"stopped by SIGTERM, exit code 3 \(run the same command to resume\): step (\d+)",
+    stopped = int(re.search(r"stopped by SIGTERM or Ctrl-C, exit code 3 \(run the same command to resume\): step (\d+)",
                             output).group(1))
     resumed = int(re.search(r"resumed from \S+step_(\d+)", output).group(1))
     assert resumed == stopped

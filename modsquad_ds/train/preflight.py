@@ -11,7 +11,9 @@ What is checked (and what would otherwise fail late):
 - the shards hold every domain the tasks need (the loader raises in the first epoch otherwise);
 - the split (or ``data.samples_per_epoch``, or the ``data.fraction`` subset) gives every rank at least
   one full batch;
-- the raw folder exists (``data.source: raw``);
+- the raw folder exists, its split CSV names the splits, and the split has enough complete samples
+  (``data.source: raw``);
+- shards downscaled by ``make_shards --resize`` match ``model.img_size``;
 - ``train.out_dir`` can be created and written (the first save would fail otherwise).
 """
 
@@ -25,7 +27,6 @@ from modsquad_ds.config import ConfigError
 
 
 def check_shards(cfg, world_size: int) -> None:
-    from modsquad_ds.data.plan import batches_per_rank
     from modsquad_ds.data.sample import needed_domains
     from modsquad_ds.data.shard_index import index_path, load_index
 
@@ -50,19 +51,57 @@ def check_shards(cfg, world_size: int) -> None:
         raise ConfigError("data.shards_dir", f"{path} lists shard {absent[0]}{more} but the file is "
                           "missing (restore it, or rewrite the index with python -m data_tools.make_shards "
                           "--index-only)")
+    if index.resolution is not None and index.resolution != cfg.model.img_size:
+        raise ConfigError("model.img_size", f"({cfg.model.img_size}) differs from the {index.resolution} px the "
+                          f"shards in {path.parent} were downscaled to (make_shards --resize): reshard with "
+                          f"--resize {cfg.model.img_size} or without --resize")
+    check_batches(cfg, index.num_samples, world_size, f"split {d.train_split!r} of {path.parent}")
+
+
+def check_batches(cfg, num_samples: int, world_size: int, where: str) -> None:
+    """The split's ``num_samples`` (less by data.fraction, capped by data.samples_per_epoch) give every
+    rank at least one full batch."""
+    from modsquad_ds.data.plan import batches_per_rank
+
+    d = cfg.data
     if d.fraction < 1:  # training reads a fixed subset of the split (data.fraction)
         from modsquad_ds.data.subset import subset_size
 
-        kept, need = subset_size(index.num_samples, d.fraction), world_size * d.batch_size
+        kept, need = subset_size(num_samples, d.fraction), world_size * d.batch_size
         if kept < need:
-            raise ConfigError("data.fraction", f"({d.fraction}) keeps {kept} of {index.num_samples} samples, "
+            raise ConfigError("data.fraction", f"({d.fraction}) keeps {kept} of {num_samples} samples, "
                               f"fewer than one batch per rank (world size {world_size} x data.batch_size "
                               f"{d.batch_size} = {need})")
     try:
-        batches_per_rank(min(index.num_samples, d.samples_per_epoch or index.num_samples), world_size,
-                         d.batch_size)
+        batches_per_rank(min(num_samples, d.samples_per_epoch or num_samples), world_size, d.batch_size)
     except ValueError as err:
-        raise ConfigError("data.batch_size", f"{err} (split {d.train_split!r} of {path.parent})") from None
+        raise ConfigError("data.batch_size", f"{err} ({where})") from None
+
+
+def check_raw(cfg, world_size: int) -> None:
+    """The raw release folder, the split CSV and its columns, and enough complete samples. Scans the
+    training split's folders (directory reads only: layout.scan_release), as the loader does again."""
+    from modsquad_ds.data.layout import read_split_csv, scan_release
+    from modsquad_ds.data.sample import needed_domains
+
+    d = cfg.data
+    check_split(cfg, d.train_split, "data.raw_root")
+    buildings = None
+    if d.split_csv:
+        try:
+            splits = read_split_csv(d.split_csv)
+        except (OSError, ValueError) as err:
+            raise ConfigError("data.split_csv", f"unreadable: {err}") from None
+        for split, key in ((d.train_split, "data.train_split"), (d.val_split, "data.val_split")):
+            if (split == d.train_split or cfg.train.eval_every) and split not in splits:
+                raise ConfigError(key, f"{split!r} is not a column of {d.split_csv} ({', '.join(splits)})")
+        buildings = splits[d.train_split]
+    root = d.source_path()
+    found = len(scan_release(root, needed_domains(list(cfg.tasks.names)), buildings).samples)
+    if not found:
+        raise ConfigError("data.raw_root", f"no complete sample of split {d.train_split!r} under {root} for "
+                          "the domains tasks.names needs")
+    check_batches(cfg, found, world_size, f"split {d.train_split!r} of {root}")
 
 
 def check_split(cfg, split: str, key: str) -> None:
@@ -98,5 +137,5 @@ def check_run(cfg, world_size: int) -> None:
         if cfg.train.eval_every:  # validation on data.val_split
             check_split(cfg, cfg.data.val_split, "train.eval_every")
     else:  # the raw release folder
-        check_split(cfg, cfg.data.train_split, "data.raw_root")
+        check_raw(cfg, world_size)
     check_out_dir(cfg.train.out_dir)

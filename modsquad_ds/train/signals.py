@@ -4,7 +4,7 @@ sends at the time limit or on preemption) and Ctrl-C (SIGINT) save and end the r
 Handlers only set flags; the trainer turns them into a decision shared by all ranks (a signal may
 reach only some of them) at the next optimizer-step boundary. A second Ctrl-C changes nothing: a
 terminal signals every process of the job and launchers forward the signal again, so one keypress
-often arrives twice; Ctrl-\ (SIGQUIT) ends a run at once, without a checkpoint.
+often arrives twice; Ctrl-backslash (SIGQUIT) ends a run at once, without a checkpoint.
 """
 
 from __future__ import annotations

@@ -78,6 +78,12 @@ def test_training_refuses_shards_downscaled_to_another_size(full_and_small):
     cfg.model.img_size = 64
     with pytest.raises(ValueError, match="downscaled to 32 px.*model.img_size is 64"):
         build_shard_loader(cfg, "train", 0, 1, 0)
+    # and before any process starts, in one line naming the setting
+    from modsquad_ds.config import ConfigError
+    from modsquad_ds.train.preflight import check_shards
+
+    with pytest.raises(ConfigError, match=r"^model\.img_size: \(64\) differs from the 32 px the shards"):
+        check_shards(cfg, world_size=1)
 
 
 def test_resize_never_enlarges(full_and_small):

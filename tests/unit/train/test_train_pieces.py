@@ -79,3 +79,37 @@ def test_preflight_names_a_missing_data_folder(tmp_path):
                                                    f"train.out_dir={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match=r"^data\.shards_dir: "):
         check_run(shards, world_size=1)
+
+
+@pytest.fixture(scope="module")
+def raw_release(tmp_path_factory):
+    from data_tools.mini_taskonomy import generate
+
+    root = tmp_path_factory.mktemp("raw")
+    generate(root, buildings=3, points=2, views=2, resolution=16, seed=0, workers=1, progress=False)
+    return root  # 3 buildings: train, val, test; 4 views each
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size=8", r"^data\.batch_size: the split has 4 samples, fewer than world_size \(1\) x batch_size \(8\)"),
+    ("data.fraction=0.3", r"^data\.fraction: \(0\.3\) keeps 1 of 4 samples"),
+    ("data.train_split=bogus", r"^data\.train_split: 'bogus' is not a column of .*\(train, val, test\)$"),
+    ("data.split_csv=/no/such.csv", r"^data\.split_csv: unreadable: "),
+    ("train.eval_every=5", r"^data\.val_split: 'nosuch' is not a column"),  # with data.val_split=nosuch below
+])
+def test_preflight_of_a_raw_release_refuses_what_would_fail_later(raw_release, tmp_path, override, message):
+    """Each of these failed with a traceback on every rank once the loader ran (the bad validation
+    split only at the first evaluation, train.eval_every steps into the run)."""
+    from modsquad_ds.config import ConfigError, load_config
+    from modsquad_ds.train.preflight import check_run
+
+    csv = raw_release / "splits" / "train_val_test_mini.csv"
+    cfg = load_config(preset="tiny", overrides=["data.source=raw", f"data.raw_root={raw_release}",
+                                                f"data.split_csv={csv}", "data.batch_size=2", "data.val_split=nosuch",
+                                                f"train.out_dir={tmp_path / 'run'}", override])
+    with pytest.raises(ConfigError, match=message):
+        check_run(cfg, world_size=1)
+    fine = load_config(preset="tiny", overrides=["data.source=raw", f"data.raw_root={raw_release}",
+                                                 f"data.split_csv={csv}", "data.batch_size=2",
+                                                 f"train.out_dir={tmp_path / 'run'}"])
+    check_run(fine, world_size=2)  # 4 samples: one batch of 2 per rank

@@ -52,7 +52,8 @@ def is_whole_model(path: Path) -> bool:
 
 
 def load_whole_model(path: Path, device: str = "cpu"):
-    """The full ``ModSquadViT`` of a whole-model export (plain PyTorch + timm, no DeepSpeed)."""
+    """``(model, cfg)``: the full ``ModSquadViT`` of a whole-model export (plain PyTorch + timm, no
+    DeepSpeed, in eval mode on ``device``) and the run config it was built from."""
     from modsquad_ds.config.loader import build
     from modsquad_ds.config.schema import RunConfig
     from modsquad_ds.model.vit import ModSquadViT

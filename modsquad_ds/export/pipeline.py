@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,6 +27,22 @@ def full_model(weights) -> ModSquadViT:
     model = ModSquadViT(cfg.model, cfg.moe, cfg.tasks.names)
     model.load_state_dict(weights.model, strict=True)
     return model.eval()
+
+
+def _remove_previous_export(out: Path) -> None:
+    """An earlier per-task export in ``out`` (the files its report.json lists, the report and the
+    picture): replaced as a whole, so the folder never mixes models pruned two ways (say 13 tasks at
+    1% and then 2 of them at the top 50%, whose report would describe only those 2)."""
+    report = out / "report.json"
+    if not report.is_file():
+        return
+    try:  # names only: what an export wrote here, wherever it was run from
+        models = [out / Path(row["file"]).name for row in json.loads(report.read_text()).get("tasks", [])]
+        files = [*models, *(m.with_suffix(".json") for m in models)]  # each model and its config beside it
+    except (ValueError, KeyError, TypeError, AttributeError):
+        files = []
+    for path in [*files, out / "kept_experts.png", out / "report.md", report]:
+        path.unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -54,6 +71,7 @@ def export_run(run: Path, step: Optional[int] = None, tasks: Optional[Sequence[s
     if unknown:
         raise CheckpointError(f"--tasks: {unknown[0]!r} is not a task of this run ({', '.join(names)})")
     model = full_model(weights)
+    _remove_previous_export(out)
     if usage == "calibration":
         tables, usage_source = calibration_usage(model, cfg, str(shards), split, calibration_batches, batch_size,
                                                  progress)

@@ -228,6 +228,12 @@ def test_export_command_writes_models_report_and_picture(runs, tmp_path, capsys)
         assert model.task == row["task"]
     assert (tmp_path / "tasks" / "kept_experts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| depth_zbuffer |" in (tmp_path / "tasks" / "report.md").read_text()
+    # again into the same folder, other tasks and pruning: it replaces the first export, not mixes with it
+    (tmp_path / "tasks" / "notes.txt").write_text("mine")
+    assert main(["--run", str(run), "--keep-top", "50", "--tasks", "edge_texture", "--out", str(tmp_path / "tasks"),
+                 "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "tasks").iterdir()) == [
+        "edge_texture.json", "edge_texture.safetensors", "kept_experts.png", "notes.txt", "report.json", "report.md"]
     assert main(["--run", str(run), "--whole", "--out", str(tmp_path / "whole")]) == 0
     assert (tmp_path / "whole" / "whole.safetensors").is_file()
     assert main(["--run", str(tmp_path), "--threshold", "1"]) == 2

@@ -126,12 +126,15 @@ def build(results: Mapping[str, Mapping[int, dict]], labels: Mapping[str, str], 
                 if other in dt:
                     o_m, o_s = mean_sd(dt[other])
                     gap = ms_m - o_m
-                    clear = abs(gap) > ms_s + o_s
                     verdict = ("higher" if gap > 0 else "lower")
+                    if len(dt["modsquad"]) < 2 or len(dt[other]) < 2:
+                        spread = "one seed: no spread to judge the gap by."
+                    elif abs(gap) > ms_s + o_s:
+                        spread = "the gap exceeds the summed spreads."
+                    else:
+                        spread = "the gap is within the seeds' spread, so this run does not separate them."
                     findings.append(f"Mod-Squad's Delta_t ({ms_m:+.2f} ± {ms_s:.2f}) is {verdict} than "
-                                    f"{labels[other]}'s ({o_m:+.2f} ± {o_s:.2f}) by {abs(gap):.2f} points; "
-                                    + ("the gap exceeds the summed spreads." if clear else
-                                       "the gap is within the seeds' spread, so this run does not separate them."))
+                                    f"{labels[other]}'s ({o_m:+.2f} ± {o_s:.2f}) by {abs(gap):.2f} points; " + spread)
 
     # Routing: MI and sharpness.
     moe = [m for m in methods if any(results[m][s].get("usage") for s in results[m])]
@@ -198,7 +201,9 @@ def build(results: Mapping[str, Mapping[int, dict]], labels: Mapping[str, str], 
                 findings.append(
                     f"Under {labels[m]}, task pairs within a group share {w[0]:.3f} ± {w[1]:.3f} of their experts on "
                     f"the same input, pairs across groups {a[0]:.3f} ± {a[1]:.3f} "
-                    + ("(more than the summed spreads)" if w[0] > a[0] + w[1] + a[1] else "(within the spread)")
+                    + ("(more, by more than the summed spreads)" if w[0] > a[0] + w[1] + a[1]
+                       else "(less: groups do not share more experts inside than across)" if w[0] < a[0]
+                       else "(more, but within the spread)")
                     + f"; within 3D {w3[0]:.3f}, within 2D {w2[0]:.3f}. Its three task clusters are {desc}: "
                     + (f"{mixed} of them mix tasks of different groups, so the clusters do not recover the "
                        "3D / 2D split."

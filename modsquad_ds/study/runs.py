@@ -8,6 +8,7 @@ and DeepSpeed per run would cost more than training the tiny models.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,18 @@ def run_config(spec: RunSpec, base_config: str):
     return load_config(files, [*spec.overrides, f"seed={spec.seed}", f"train.out_dir={spec.out_dir}"])
 
 
+def _settings_changed(saved: Path, cfg) -> bool:
+    """True if ``saved`` (an earlier run's config.yaml) differs from ``cfg`` in anything but resume."""
+    if not saved.is_file():
+        return False
+    from modsquad_ds.config.loader import to_dict
+
+    def comparable(c):
+        return to_dict(dataclasses.replace(c, train=dataclasses.replace(c.train, resume=True)))
+
+    return comparable(load_config([str(saved)])) != comparable(cfg)
+
+
 def train_and_evaluate(spec: RunSpec, base_config: str, split: str) -> dict:
     """Train and evaluate; returns the evaluation JSON, or the existing one of a finished run.
     The seconds it took go into ``{run}/study_seconds.json`` (the report sums them)."""
@@ -58,10 +71,15 @@ def train_and_evaluate(spec: RunSpec, base_config: str, split: str) -> dict:
     from modsquad_ds.train.trainer import Trainer
 
     cfg = run_config(spec, base_config)
+    if _settings_changed(spec.out_dir / "config.yaml", cfg):
+        # another budget (--steps) or setting: continuing would splice two learning-rate schedules
+        # into one run, and its evaluation is not this one's; start over (train/start_over.py moves
+        # the earlier run aside, its evaluation with it)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=False))
     ds_config = ds_config_for_run(cfg)
     folder = spec.out_dir / "eval"
     done = sorted(folder.glob(f"{split}_step_{cfg.train.steps:08d}.json")) if folder.is_dir() else []
-    if done:
+    if done and cfg.train.resume:
         return json.loads(done[-1].read_text())
     Trainer(cfg, ds_config, 0, 1).run()
     ckpt = find_checkpoint(spec.out_dir)

@@ -90,3 +90,18 @@ def test_evaluation_refuses_a_config_of_another_model_but_not_another_layout(tmp
     check_architecture(folder, load_config(preset="tiny", overrides=["data.batch_size=3"]))  # any world, ep, batch
     with pytest.raises(CheckpointError, match="holds a model with model.num_heads=4, the config asks for 2"):
         check_architecture(folder, load_config(preset="tiny", overrides=["model.num_heads=2"]))
+
+
+def test_the_study_starts_a_run_over_when_its_budget_or_settings_changed(tmp_path):
+    """Re-running the study with another --steps must not continue the earlier run: its learning-rate
+    schedule was another, and its evaluation is not the new budget's."""
+    from modsquad_ds.config.loader import save_config
+    from modsquad_ds.study.runs import _settings_changed
+
+    saved = tmp_path / "config.yaml"
+    assert not _settings_changed(saved, load_config(preset="tiny"))  # no earlier run
+    save_config(load_config(preset="tiny", overrides=["train.steps=20"]), saved)
+    assert not _settings_changed(saved, load_config(preset="tiny", overrides=["train.steps=20"]))
+    assert not _settings_changed(saved, load_config(preset="tiny", overrides=["train.steps=20", "train.resume=false"]))
+    assert _settings_changed(saved, load_config(preset="tiny", overrides=["train.steps=30"]))
+    assert _settings_changed(saved, load_config(preset="tiny", overrides=["train.steps=20", "train.lr=1e-3"]))

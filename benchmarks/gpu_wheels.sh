@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download here (with internet) the wheels that a bare GPU machine without a package index lacks,
 # for CPython 3.12 on Linux x86_64, into ./wheels (gitignored). benchmarks/gpu_check.sh installs them
-# there with `pip install --no-index --no-deps --target /tmp/site`; carry the folder along
+# there with `pip install --no-index --no-deps --target` into a temporary folder; carry the folder along
 # (the device tool's `carry: ["wheels"]`). Versions come from constraints.txt. About 6 MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."

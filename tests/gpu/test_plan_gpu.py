@@ -37,7 +37,7 @@ print("RESULT " + json.dumps(out))
 
 
 def test_peak_memory_within_15_percent_on_gpu():
-    # keep the caller's PYTHONPATH: on the GPU machine the carried wheels (deepspeed) live in /tmp/site
+    # keep the caller's PYTHONPATH: on the GPU machine the carried wheels (deepspeed) are on it (gpu_check.sh)
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, DS_ACCELERATOR="cuda", PYTHONPATH=path)
     proc = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True,

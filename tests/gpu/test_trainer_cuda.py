@@ -34,7 +34,7 @@ FP32_RESUME_REL, BF16_RESUME_REL, BF16_TRACK_REL = 1e-5, 1e-2, 5e-2
 
 
 def _env() -> dict[str, str]:
-    # keep the caller's PYTHONPATH (on the GPU machine the carried wheels live in /tmp/site)
+    # keep the caller's PYTHONPATH (on the GPU machine the carried wheels are on it: gpu_check.sh)
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return base_env(DS_ACCELERATOR="cuda", PYTHONPATH=path, OMP_NUM_THREADS="4")
 

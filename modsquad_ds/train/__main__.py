@@ -14,6 +14,8 @@ Learn new tasks on a trained run by tuning only routers, task embedding and head
         --set finetune.init_from=runs/source --set tasks.names=[class_object,class_scene] \\
         --set data.fraction=0.1 --set train.out_dir=runs/new_tasks
 
+(the source's config.yaml carries its train.ep_size: --set the one this launch needs)
+
 Settings come from the preset, then the YAML files in order, then --set overrides; the resolved
 config and DeepSpeed JSON are written into train.out_dir with the checkpoints, TensorBoard logs,
 metrics.jsonl and usage.json (expert usage per task and layer). A run folder holding a checkpoint is

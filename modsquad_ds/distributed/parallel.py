@@ -43,7 +43,8 @@ class ParallelDims:
             raise ConfigError("train.ep_size", f"must be >= 1, got {self.ep_size}")
         if self.world_size % self.ep_size:
             raise ConfigError("train.ep_size", f"({self.ep_size}) must divide the world size "
-                              f"({self.world_size} ranks)")
+                              f"({self.world_size} ranks): --set train.ep_size=N for this launch (another "
+                              "run's config.yaml carries that run's)")
         if self.num_experts < 1:
             raise ConfigError("moe.mlp.num_experts", f"must be >= 1, got {self.num_experts}")
         if self.num_experts % self.ep_size:

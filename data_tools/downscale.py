@@ -27,17 +27,10 @@ import torch
 from data_tools.release_checks import encoding_problems
 from data_tools.release_io import encode_png
 from modsquad_ds.data import decode, transforms
-from modsquad_ds.data.tasks import get_task
+from modsquad_ds.data.tasks import get_task, is_depth_masked
 
 RECIPE = "task-aware-v1"
 """Name of the resizing rules above, stored in the index (bump it when the rules change)."""
-
-
-def _depth_masked(domain: str) -> bool:
-    try:
-        return get_task(domain).depth_masked
-    except KeyError:
-        return False
 
 
 def _resize(domain: str, raw: np.ndarray, valid: np.ndarray | None, size: int) -> np.ndarray:
@@ -89,7 +82,7 @@ def downscale_sample(files: dict[str, bytes], size: int) -> dict[str, bytes]:
     if problems:
         raise decode.DecodeError("; ".join(problems))
     valid = decode.depth_valid(raw["depth_zbuffer"]) if "depth_zbuffer" in raw else None
-    if valid is None and any(_depth_masked(d) for d in raw):
+    if valid is None and any(is_depth_masked(d) for d in raw):
         raise decode.DecodeError("depth-masked domains need depth_zbuffer in the sample to downscale")
     out = {}
     for d, arr in raw.items():

@@ -42,7 +42,7 @@ from data_tools.worker_pool import WorkerFailed, imap_unordered  # noqa: E402
 from modsquad_ds.config.schema import PAPER_TASKS  # noqa: E402
 from modsquad_ds.data.layout import read_split_csv  # noqa: E402
 from modsquad_ds.data.sample import needed_domains  # noqa: E402
-from modsquad_ds.data.tasks import get_task  # noqa: E402
+from modsquad_ds.data.tasks import is_depth_masked  # noqa: E402
 
 DEFAULT_DOMAINS = needed_domains(PAPER_TASKS)
 
@@ -106,13 +106,6 @@ def _refuse(message: str) -> int:
     return 2
 
 
-def _depth_masked(domain: str) -> bool:
-    try:
-        return get_task(domain).depth_masked
-    except KeyError:
-        return False
-
-
 def _png_size(path: str) -> tuple[int, int] | None:
     """(height, width) from a PNG's header, without decoding it; None for another format."""
     with open(path, "rb") as f:
@@ -151,7 +144,7 @@ def main(argv=None) -> int:
     if args.resize is not None:
         if args.resize < 8:
             ap.error("--resize must be >= 8 pixels")
-        masked = [d for d in args.domains if _depth_masked(d)]
+        masked = [d for d in args.domains if is_depth_masked(d)]
         if masked and "depth_zbuffer" not in args.domains:
             ap.error(f"--resize averages {', '.join(masked)} over depth_zbuffer's valid pixels: "
                      "add depth_zbuffer to --domains")

@@ -67,6 +67,13 @@ def get_task(name: str) -> TaskSpec:
         raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}") from None
 
 
+def is_depth_masked(domain: str) -> bool:
+    """True for a release domain whose task's targets are masked where depth has no geometry; False
+    for the others, and for domains that are no task (``rgb``)."""
+    spec = TASKS.get(domain)
+    return spec is not None and spec.depth_masked
+
+
 def register_task(spec: TaskSpec) -> None:
     """Add a task (e.g. a new task learned by router and head tuning)."""
     if spec.name in TASKS:

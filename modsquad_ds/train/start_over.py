@@ -29,11 +29,10 @@ def set_aside_earlier_run(out_dir: Path) -> Optional[Path]:
     trained = (checkpoints.is_dir() and any(checkpoints.iterdir())) or (out_dir / "metrics.jsonl").is_file()
     if not trained:
         return None
-    aside = out_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    n = 1
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside, n = out_dir / f"replaced-{stamp}", 1
     while aside.exists():  # two start-overs within a second
-        aside = out_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{n}"
-        n += 1
+        aside, n = out_dir / f"replaced-{stamp}-{n}", n + 1
     aside.mkdir()
     for name in RUN_OUTPUTS:
         if (out_dir / name).exists():

@@ -42,7 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="YAML layered over the run's config.yaml (repeatable)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set data.shards_dir=/data/shards")
-    parser.add_argument("--max-samples", type=int, help="evaluate only the split's first N samples")
+    parser.add_argument("--max-samples", type=int, metavar="N",
+                        help="evaluate only the split's first N samples (a quick look: written as "
+                             "{split}_first{N}_step_*, apart from the whole split's results)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.run and not args.run_folder:

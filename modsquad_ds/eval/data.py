@@ -66,6 +66,7 @@ class EvalStream(IterableDataset):
         else:
             self.shards = None
             total = len(_raw_dataset(cfg, split))
+        self.split_total = total
         self.total = min(total, max_samples) if max_samples else total
         if self.total == 0:
             raise ValueError(f"split {split!r} has no samples")
@@ -138,4 +139,5 @@ def eval_loader(cfg, split: str, rank: int, world_size: int, max_samples: Option
                         prefetch_factor=cfg.data.prefetch_factor if w else None)
     loader.n_batches = stream.n_batches  # type: ignore[attr-defined]
     loader.total = stream.total  # type: ignore[attr-defined]
+    loader.split_total = stream.split_total  # type: ignore[attr-defined]
     return loader

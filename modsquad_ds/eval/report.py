@@ -7,7 +7,9 @@ Files (rank 0 only, each written atomically) in ``{run}/eval/``::
     {split}_step_{N}_usage.png      hard usage frequency per MoE layer (Fig. 5 / 6)
     {split}_step_{N}_similarity.png task similarity per layer and overall (Fig. A2-A4)
 
-and scalars ``eval_{split}/{task}/{metric}`` at step N in ``{run}/tensorboard``.
+and scalars ``eval_{split}/{task}/{metric}`` at step N in ``{run}/tensorboard``. An evaluation of
+the split's first M samples only (``evaluate --max-samples M``) says ``{split}_first{M}`` instead of
+``{split}`` in each name.
 """
 
 from __future__ import annotations
@@ -71,13 +73,15 @@ def write_results(run_dir: Path, result, step: int, checkpoint: str, task_names:
     """Write the files above; returns the JSON's path."""
     out = Path(run_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{result.split}_step_{step:08d}"
-    data = {"split": result.split, "step": step, "checkpoint": checkpoint, "samples": result.samples,
+    stem = f"{result.name}_step_{step:08d}"
+    data = {"split": result.split, "first": result.first, "step": step, "checkpoint": checkpoint,
+            "samples": result.samples,
             "corrupt": result.corrupt, "tasks": result.metrics, "usage": result.usage,
             "main_metrics": {t: main_metric(t) for t in task_names}}
     path = out / f"{stem}.json"
     _atomic_text(path, json.dumps(data, indent=1))
-    md = [f"# Evaluation of {run_dir} on {result.split} (step {step}, {result.samples} images)", "",
+    part = "" if result.first is None else f"; only the split's first {result.first} samples"
+    md = [f"# Evaluation of {run_dir} on {result.split} (step {step}, {result.samples} images{part})", "",
           table1({Path(run_dir).name: result.metrics}, task_names), ""]
     dt = depth_table({Path(run_dir).name: result.metrics}, task_names)
     if dt:
@@ -104,10 +108,10 @@ def scalars(result) -> dict[str, float]:
     for task, metrics in result.metrics.items():
         for key, value in metrics.items():
             if key != "count" and not math.isnan(value):
-                out[f"eval_{result.split}/{task}/{key}"] = value
+                out[f"eval_{result.name}/{task}/{key}"] = value
     if result.usage:
-        out[f"eval_{result.split}/routing/mean_mi"] = result.usage["mean_mi"]
-        out[f"eval_{result.split}/routing/mean_sharpness"] = result.usage["mean_sharpness_hard"]
+        out[f"eval_{result.name}/routing/mean_mi"] = result.usage["mean_mi"]
+        out[f"eval_{result.name}/routing/mean_sharpness"] = result.usage["mean_sharpness_hard"]
     return out
 
 
@@ -121,5 +125,5 @@ def log_scalars(tb_dir: Path, result, step: int, images: Sequence[Path] = ()) ->
             tb.add_scalar(key, value, step)
         for png in images:
             if Path(png).is_file():
-                tb.add_image(f"eval_{result.split}/{Path(png).stem.rsplit('_', 1)[-1]}", imread(png)[..., :3],
+                tb.add_image(f"eval_{result.name}/{Path(png).stem.rsplit('_', 1)[-1]}", imread(png)[..., :3],
                              step, dataformats="HWC")

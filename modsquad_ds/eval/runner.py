@@ -31,6 +31,15 @@ class EvalResult:
     samples: int
     corrupt: int
     recorder: RouteRecorder
+    first: Optional[int] = None
+    """N where only the split's first N samples were evaluated (``--max-samples`` below the split's
+    size); None for the whole split."""
+
+    @property
+    def name(self) -> str:
+        """What was evaluated, for file names and TensorBoard tags: ``test``, or ``test_first100`` for
+        part of it, so that a quick look never overwrites (or passes for) the whole split's results."""
+        return self.split if self.first is None else f"{self.split}_first{self.first}"
 
 
 @torch.no_grad()
@@ -66,5 +75,6 @@ def evaluate_model(model, cfg, split: str, rank: int = 0, world_size: int = 1,
     sums.load_vector(metric_sums)
     recorder.load_vector(routing_sums)
     corrupt = int(corrupt_sum[0])
+    first = loader.total if loader.total < loader.split_total else None
     return EvalResult(split, sums.compute(), summarize(recorder.layers) if recorder.layers else {},
-                      int(round(sums.samples)), corrupt, recorder)
+                      int(round(sums.samples)), corrupt, recorder, first)

@@ -77,6 +77,35 @@ def test_two_ranks_expert_parallel_equal_one_process(trained):
     assert {"eval_test/usage", "eval_test/similarity"} <= set(tags["images"])
 
 
+def test_max_samples_evaluates_the_first_n_apart_from_the_whole_split(trained):
+    """``--max-samples 5`` evaluates the split's first 5 samples, the same 5 on any number of ranks, and
+    writes them as ``test_first5_*``: the whole split's results (which a study takes as done) and its
+    TensorBoard curves are neither overwritten nor joined by the partial numbers."""
+    whole = trained / "eval" / "test_step_00000002.json"
+    before = whole.read_bytes() if whole.is_file() else None
+    out = run_ok([python(), "-m", "modsquad_ds.evaluate", str(trained), "--split", "test", "--max-samples", "5",
+                  "--set", "data.batch_size=4", "--set", "data.workers=0"], timeout_s=240)
+    part = trained / "eval" / "test_first5_step_00000002.json"
+    assert f"results: {part}" in out.output, out.output[-2000:]
+    one = json.loads(part.read_text())
+    assert (one["split"], one["first"], one["samples"]) == ("test", 5, 5)
+    assert (whole.read_bytes() if whole.is_file() else None) == before
+    assert "only the split's first 5 samples" in part.with_suffix(".md").read_text()
+    run_ok([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "modsquad_ds.evaluate", str(trained),
+            "--split", "test", "--max-samples", "5", "--set", "data.batch_size=4", "--set", "data.workers=0",
+            "--set", "train.ep_size=2"], timeout_s=240)
+    two = json.loads(part.read_text())
+    assert two["samples"] == 5
+    _close(one["tasks"], two["tasks"])
+    _close(one["usage"], two["usage"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = set()
+    for events in (trained / "tensorboard").glob("events.out.tfevents.*"):
+        scalars |= set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
+    assert "eval_test_first5/depth_zbuffer/rmse" in scalars
+
+
 def _error_line(run_dir: Path, split: str = "test") -> str:
     res = run([python(), "-m", "modsquad_ds.evaluate", "--run", str(run_dir), "--split", split], timeout_s=120)
     assert res.returncode == 2, res.output[-2000:]

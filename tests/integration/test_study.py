@@ -60,7 +60,7 @@ def test_every_baseline_trains_a_step(data, tmp_path):
         for run in runs:
             assert (run / "checkpoints" / "step_00000001").is_dir(), run
             row = json.loads((run / "eval_during_training.jsonl").read_text().splitlines()[0])
-            assert row["step"] == 1 and any(k.startswith("eval_val/") for k in row), row
+            assert row["step"] == 1 and any(k.startswith("eval_val_first2/") for k in row), row
             result = json.loads((run / "eval" / "test_step_00000001.json").read_text())
             assert result["samples"] == 4  # the test building's 4 views, each once
     report = (out / "report" / "README.md").read_text()

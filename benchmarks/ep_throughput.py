@@ -47,7 +47,7 @@ def _worker(out: Path) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from modsquad_ds.distributed.bootstrap import init_distributed
+    from modsquad_ds.distributed.bootstrap import engine_args, init_distributed
 
     ctx = init_distributed(timeout_s=300, heartbeat_timeout_s=0)
     import deepspeed
@@ -87,7 +87,7 @@ def _worker(out: Path) -> None:
                     if isinstance(layer, ExpertParallelMoEMlp):
                         layer.local_dispatch = False
             engine, *_ = deepspeed.initialize(
-                model=module, optimizer=torch.optim.AdamW(moe_param_groups(module, 0.05), lr=1e-4),
+                args=engine_args(), model=module, optimizer=torch.optim.AdamW(moe_param_groups(module, 0.05), lr=1e-4),
                 config={"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
                         "zero_optimization": {"stage": 0}, "steps_per_print": 10**9})
             engines[label] = (engine, time.perf_counter() - t0, [])

@@ -14,6 +14,7 @@ Order for a trainer (see docs/launchers.md):
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import random
@@ -103,6 +104,19 @@ def cuda_device_index(local_rank: int, visible: int) -> int:
         return local_rank
     raise launch_env.LaunchError(f"local rank {local_rank} sees {visible} GPU(s): give each task one GPU "
                                  "(--gpus-per-task 1) or every task of a node all of them (--gpus-per-node)")
+
+
+def engine_args() -> Optional[argparse.Namespace]:
+    """``deepspeed.initialize``'s ``args``: the GPU :func:`init_distributed` chose for this rank.
+
+    Without it the engine moves the model to ``cuda:LOCAL_RANK``, a device that does not exist where
+    each task sees only its own GPU (``srun --gpus-per-task 1``: device 0 for every local rank).
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cuda" and torch.cuda.is_initialized():
+        return argparse.Namespace(device_rank=torch.cuda.current_device())
+    return None
 
 
 def init_distributed(launch: Optional[LaunchEnv] = None, *, timeout_s: float = 600.0,

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from modsquad_ds.config.loader import save_config
 from modsquad_ds.config.schema import RunConfig
 from modsquad_ds.data.loader import build_train_loader
+from modsquad_ds.distributed.bootstrap import engine_args
 from modsquad_ds.distributed.collectives import all_reduce_sum_autograd, is_distributed, step_vote
 from modsquad_ds.distributed.ds_config import save_ds_config
 from modsquad_ds.distributed.launcher_watch import LauncherWatch
@@ -93,8 +94,8 @@ def build_engine(cfg: RunConfig, ds_config: dict):
     optimizer = torch.optim.AdamW(moe_param_groups(module, cfg.train.weight_decay, NO_DECAY), lr=cfg.train.lr)
     t = cfg.train
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.steps, t.warmup_steps, t.lr, t.min_lr))
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(args=engine_args(), model=module, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds_config)
     return engine
 
 

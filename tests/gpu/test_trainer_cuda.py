@@ -7,9 +7,13 @@ order from one run to the next (atomics in index backward, split reductions). bf
 relative (the same reordering, rounded to 8 bits). A bf16 run stays within 5% of the fp32 run's
 total loss at every logged step of 50 (the loss falls by far more than that over those steps).
 
+One more launch is a rank that sees one GPU under another local rank (``srun --gpus-per-task 1``
+gives local rank 3 a single device, 0): it must train there, not ask for ``cuda:3``.
+
 The launches are independent single-GPU runs, so they go up to ``PARALLEL`` at a time (the GPU and
-its 16 cores hold them easily): the GPU check has minutes, not the quarter of an hour the 17
-launches take one after another.
+its 16 cores hold them easily): the GPU check has minutes, not the quarter of an hour the 18
+launches take one after another. Each prints its exit status as it ends (run with ``-s``, as
+benchmarks/gpu_check.sh does, a run cut at its deadline still says which launches finished).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import json
 import math
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))  # 
 from _launch import REPO, Result, base_env, python, run  # noqa: E402
 from data_tools import make_shards  # noqa: E402
 from data_tools.mini_taskonomy import generate  # noqa: E402
+from modsquad_ds.distributed.env import free_port  # noqa: E402
 
 CONFIGS = sorted(p.name for p in (REPO / "ds_configs").glob("*.json"))
 FP32_RESUME_REL, BF16_RESUME_REL, BF16_TRACK_REL = 1e-5, 1e-2, 5e-2
@@ -50,7 +55,7 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
-PARALLEL = 6
+PARALLEL = 12
 
 
 def _args(shards: Path, out: Path, ds_config: str, steps: int, *extra: str) -> list[str]:
@@ -62,10 +67,23 @@ def _args(shards: Path, out: Path, ds_config: str, steps: int, *extra: str) -> l
     return args
 
 
-def _run_all(commands: dict[str, list[str]]) -> dict[str, Result]:
+def _run_all(commands: dict[str, list[str]], envs: dict[str, dict[str, str]] | None = None) -> dict[str, Result]:
+    """Every command (with ``envs[name]`` over the common environment); an exit line as each ends."""
+    envs = envs or {}
     with ThreadPoolExecutor(PARALLEL) as pool:
-        futures = {name: pool.submit(run, cmd, 300, _env()) for name, cmd in commands.items()}
-        return {name: f.result() for name, f in futures.items()}
+        futures = {pool.submit(run, cmd, 300, {**_env(), **envs.get(name, {})}): name for name, cmd in commands.items()}
+        results = {}
+        for future in as_completed(futures):
+            name = futures[future]
+            results[name] = r = future.result()
+            print(f"launch {name}: exit {r.returncode} after {r.seconds:.0f} s", flush=True)
+        return results
+
+
+# torchrun's variables for a rank with local rank 3 in a world of one, as srun --gpus-per-task 1
+# starts the fourth task of a node (CUDA_VISIBLE_DEVICES: its one GPU)
+LOCAL_RANK_3 = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "3", "MASTER_ADDR": "127.0.0.1",
+                "CUDA_VISIBLE_DEVICES": "0"}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +95,8 @@ def runs(shards, tmp_path_factory) -> tuple[Path, dict[str, Result]]:
     first.update({f"{c}/parts": _args(shards, root / c / "parts", c, 6, "train.stop_after=3") for c in CONFIGS})
     first.update({f"track/{c}": _args(shards, root / "track" / c, c, 50, "train.log_every=5")
                   for c in ("zero1_fp32.json", "zero1_bf16.json")})
-    results = _run_all(first)
+    first["local_rank3"] = _args(shards, root / "local_rank3", "zero1_bf16.json", 2)
+    results = _run_all(first, {"local_rank3": {**LOCAL_RANK_3, "MASTER_PORT": str(free_port("127.0.0.1"))}})
     results.update({f"{c}/resumed": r for c, r in _run_all(
         {c: _args(shards, root / c / "parts", c, 6) for c in CONFIGS if results[f"{c}/parts"].returncode == 0}).items()})
     return root, results
@@ -112,6 +131,12 @@ def test_trains_and_resumes_on_cuda(runs, ds_config):
     for step in range(4, 7):
         assert _close(resumed[step], expected[step], rel), \
             f"{ds_config} step {step}: resumed {resumed[step]!r} vs uninterrupted {expected[step]!r}"
+
+
+def test_a_task_that_sees_one_gpu_trains_on_it_whatever_its_local_rank(runs):
+    root, results = runs
+    _ok(results, "local_rank3")
+    assert sorted(_losses(root / "local_rank3")) == [1, 2]
 
 
 def test_bf16_tracks_fp32_over_50_steps(runs):

@@ -94,7 +94,7 @@ def expert_linear(x_SI: torch.Tensor, p: DispatchPlan, w_EOI: torch.Tensor, b_EO
         b_EO = None if b_EO is None else b_EO.to(dtype)
         with torch.autocast(device_type, enabled=False):
             return expert_linear(x_SI.to(dtype), p, w_EOI.to(dtype), b_EO, kernel)
-    if kernels.resolve(kernel, x_SI) == "grouped":
+    if kernels.resolve(kernel, x_SI, w_EOI.shape[1]) == "grouped":
         y = F.grouped_mm(x_SI, w_EOI.transpose(1, 2), offs=p.offsets_E)
         if b_EO is not None:
             # one_hot @ bias, not bias[expert_S]: its gradient is a matmul, not index_add atomics

@@ -56,19 +56,29 @@ def _probe_grouped(device_type: str, device_index: int | None, dtype: torch.dtyp
         return False
 
 
-def resolve(kernel: str, like: torch.Tensor) -> str:
-    """The kernel to run for inputs like ``like``: an explicit ``loop``/``grouped`` wins, then the
-    environment variable, then the automatic choice."""
+def resolve(kernel: str, like: torch.Tensor, out_features: int | None = None) -> str:
+    """The kernel to run for inputs like ``like`` (rows of ``in`` features) into ``out_features``: an
+    explicit ``loop``/``grouped`` wins, then the environment variable, then the automatic choice.
+
+    ``grouped_mm`` wants every row stride in 16-byte multiples, forward and backward: both widths
+    (a head width of 76 in bf16 is 152 bytes). ``auto`` takes the loop for other widths; an explicit
+    ``grouped`` says which width is wrong instead of failing inside the first step.
+    """
     if kernel == "auto":
         kernel = os.environ.get(ENV, "auto")
     if kernel not in KERNELS:
         raise ValueError(f"MoE kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    widths = (like.shape[-1],) if out_features is None else (like.shape[-1], out_features)
+    aligned = all(w * like.element_size() % 16 == 0 for w in widths)
     if kernel == "auto":
         d = like.device
-        aligned = like.shape[-1] * like.element_size() % 16 == 0  # grouped_mm's stride rule
         return "grouped" if aligned and grouped_supported(d.type, d.index, like.dtype) else "loop"
     if kernel == "grouped" and not has_grouped_mm():
         raise RuntimeError(f"MoE kernel 'grouped' needs torch.nn.functional.grouped_mm (torch {torch.__version__} lacks it)")
+    if kernel == "grouped" and not aligned:
+        per = 16 // like.element_size()
+        raise ValueError(f"MoE kernel 'grouped' needs expert widths that are multiples of {per} in {like.dtype} "
+                         f"(grouped_mm's 16-byte strides), got {' and '.join(map(str, widths))}; use kernel 'loop'")
     return kernel
 
 

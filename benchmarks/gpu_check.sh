@@ -66,6 +66,10 @@ else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export MPLBACKEND=Agg PYTHONUNBUFFERED=1
+# The image has pytest plugins of its own (xdist, cov, hypothesis, ...) that the carried pytest would
+# load untested: load only pytest-timeout (--strict-markers needs its marker).
+export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
+PYTEST=("$PY" -m pytest -p pytest_timeout -p no:cacheprovider -v -rfEs)
 
 log "gpu_check $(git rev-parse --short HEAD 2>/dev/null || echo '?') at $(date -u +%FT%TZ), budget ${BUDGET}s"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$RESULTS" || true
@@ -95,22 +99,23 @@ else  # the CPU dry run: small shapes, few repeats
     GEN_ARGS=(--buildings 4 --points 3 --views 4 --resolution 32 --workers 2) SHARD_WORKERS=2
     TRAINER_ARGS=(--steps 3 --set data.batch_size=4 --set data.workers=1)
 fi
-# -v: a line per test as it ends, so a run cut by its deadline still says what passed. The kernels
-# and the trainer first (the crash of issue 7), the evaluation, export and planner checks last.
+# -v: a line per test as it ends, so a run cut by its deadline still says what passed (and -s for
+# the trainer's launches, each a line as it ends). The kernels and the trainer first (the crash of
+# issue 7), the evaluation, export and planner checks last.
 FIRST_TESTS=(tests/gpu/test_layers_cuda.py tests/gpu/test_no_sync_cuda.py tests/gpu/test_launches_cuda.py
              tests/gpu/test_trainer_cuda.py)
-part "tests/gpu: kernels, trainer" 240 "$PY" -m pytest -v -rfEs -p no:cacheprovider "${FIRST_TESTS[@]}"
+part "tests/gpu: kernels, trainer" 240 "${PYTEST[@]}" -s "${FIRST_TESTS[@]}"
 part "moe_layer" 90 "$PY" benchmarks/moe_layer.py "${LAYER_ARGS[@]}"
 part "train_step small" 75 "$PY" benchmarks/train_step.py "${SMALL_ARGS[@]}"
 if (( ${#BASE_ARGS[@]} )); then
     part "train_step base" 75 "$PY" benchmarks/train_step.py "${BASE_ARGS[@]}"
 fi
 rm -rf "$DATA"
-part "trainer_overhead data" 60 bash -c "'$PY' -m data_tools.mini_taskonomy --out '$DATA/raw' ${GEN_ARGS[*]} &&
+part "trainer_overhead data" 90 bash -c "'$PY' -m data_tools.mini_taskonomy --out '$DATA/raw' ${GEN_ARGS[*]} &&
     '$PY' -m data_tools.make_shards --root '$DATA/raw' --out '$DATA/shards' --split train --no-progress \
         --split-csv '$DATA/raw/splits/train_val_test_mini.csv' --workers $SHARD_WORKERS"
 part "trainer_overhead" 120 "$PY" benchmarks/trainer_overhead.py --set "data.shards_dir=$DATA/shards" "${TRAINER_ARGS[@]}"
-part "tests/gpu: the rest" 240 "$PY" -m pytest -v -rfEs -p no:cacheprovider tests/gpu \
+part "tests/gpu: the rest" 240 "${PYTEST[@]}" tests/gpu \
     "${FIRST_TESTS[@]/#/--deselect=}"
 # last, whatever time is left: does torch.compile per block (model.compile) pay on this GPU?
 if (( ${#BASE_ARGS[@]} )); then

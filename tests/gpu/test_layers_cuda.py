@@ -1,6 +1,8 @@
 """The fast MoE layers on CUDA equal the slow reference: every kernel, fp32 to float rounding, bf16
 within a stated tolerance (against the fp32 reference on the same bf16-rounded weights and inputs)."""
 
+import re
+
 import pytest
 import torch
 
@@ -44,8 +46,8 @@ def test_fp32_equals_reference(kind, kernel):
     w = torch.randn(3, 2, 17, 64, device="cuda")
     try:
         y, grads = _run(layer, ref, x, task_ids, w)
-    except RuntimeError as err:  # grouped_mm in fp32 is not in every CUDA build
-        if kernel == "grouped":
+    except RuntimeError as err:  # grouped_mm in fp32 is not in every CUDA build; any other error fails
+        if kernel == "grouped" and re.search(r"dtype|[Ff]loat|not (supported|implemented)", str(err)):
             pytest.skip(f"grouped_mm refuses fp32 here: {err}")
         raise
     torch.manual_seed(1)

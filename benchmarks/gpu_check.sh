@@ -73,6 +73,7 @@ PYTEST=("$PY" -m pytest -p pytest_timeout -p no:cacheprovider -v -rfEs)
 
 log "gpu_check $(git rev-parse --short HEAD 2>/dev/null || echo '?') at $(date -u +%FT%TZ), budget ${BUDGET}s"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$RESULTS" || true
+log "C compilers (Triton builds its launchers with one, for the --compile part): $(command -v gcc cc clang | tr '\n' ' ')"
 "$PY" - <<'PY' 2>&1 | tee -a "$RESULTS"
 import sys, torch
 cuda = torch.cuda.is_available()

@@ -10,7 +10,7 @@ from modsquad_ds.config import load_config
 from modsquad_ds.moe.stats import RoutingStats
 from modsquad_ds.train import checkpoint
 from modsquad_ds.train.schedule import warmup_cosine
-from modsquad_ds.train.trainer import manual_clip_norm
+from modsquad_ds.train.trainer import _mean_over_ranks, manual_clip_norm
 from modsquad_ds.train.usage import UsageAccumulator, write_usage
 
 
@@ -20,6 +20,14 @@ def test_warmup_then_cosine_hand_values():
     assert lr(2) == pytest.approx(1.0)
     assert lr(6) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
     assert lr(10) == pytest.approx(0.1) and lr(50) == pytest.approx(0.1)
+
+
+def test_logged_statistics_are_means_over_the_window_micro_steps():
+    """A log window's statistics are summed over its micro steps (grad_accum x log_every of them) and
+    logged as their mean; one process, so no rank average."""
+    sums = {"loss/total": torch.tensor(6.0), "mi/blocks.1.mlp": torch.tensor(0.75, dtype=torch.float64)}
+    assert _mean_over_ranks(sums, 3) == {"loss/total": 2.0, "mi/blocks.1.mlp": 0.25}
+    assert _mean_over_ranks(sums, 0) == {"loss/total": 6.0, "mi/blocks.1.mlp": 0.75}  # an empty window
 
 
 @pytest.mark.parametrize("zero, ep, clip, expected", [

@@ -43,6 +43,32 @@ def test_depth_delta_thresholds_and_negative_prediction():
     assert (m["delta1"], m["delta2"], m["delta3"]) == pytest.approx((0.25, 0.5, 0.75))
 
 
+def test_depth_valid_zero_true_depth_counts_in_rmse_but_not_in_relative_metrics():
+    """A valid pixel whose true depth is 0 (raw depth 0 is below the invalid threshold, so the
+    release's mask keeps it) counts in RMSE, absolute error and ``count``; relative error and the
+    deltas, which need t > 0, leave it out of both their sums and their denominator."""
+    target = torch.tensor([[[[2.0, 0.0, 4.0, 1.0]]]])
+    pred = torch.tensor([[[[3.0, 1.0, 4.0, 50.0]]]])
+    mask = torch.tensor([[[[True, True, True, False]]]])  # the last pixel is invalid
+    m = _one("depth_zbuffer", pred, target, mask)
+    # valid errors 1, 1, 0 over 3 pixels, the zero-depth one included
+    assert m["count"] == 3
+    assert m["rmse"] == pytest.approx(math.sqrt(2 / 3))
+    assert m["abs_err"] == pytest.approx(2 / 3)
+    # t > 0 among the valid: t = 2 (|e|/t = 0.5, ratio 1.5) and t = 4 (0, ratio 1.0)
+    assert m["rel_err"] == pytest.approx(0.5 / 2)
+    assert (m["delta1"], m["delta2"], m["delta3"]) == pytest.approx((1 / 2, 1.0, 1.0))
+
+
+def test_depth_delta_is_strictly_below_the_threshold():
+    """delta_i counts ratios strictly below 1.25^i: a ratio of exactly 1.25 (p/t = 2.5/2 and
+    t/p = 5/4), 1.5625 or 1.953125 (all exact in binary floating point) misses its own threshold."""
+    target = torch.tensor([[[[2.0, 5.0, 2.0, 2.0]]]])
+    pred = torch.tensor([[[[2.5, 4.0, 3.125, 3.90625]]]])  # ratios 1.25, 1.25, 1.25^2, 1.25^3
+    m = _one("depth_euclidean", pred, target)
+    assert (m["delta1"], m["delta2"], m["delta3"]) == (0.0, 2 / 4, 3 / 4)
+
+
 def test_l1_over_channels_and_mask():
     target = torch.zeros(1, 3, 1, 2)
     pred = torch.tensor([[[[1.0, 9.0]], [[2.0, 9.0]], [[3.0, 9.0]]]])
@@ -77,6 +103,53 @@ def test_miou_by_hand_ignores_unlabelled():
     # class 0: inter 1, union 2 (truth 2 + pred 1 - 1); class 1: inter 2, union 3
     assert m["miou"] == pytest.approx((1 / 2 + 2 / 3) / 2)
     assert m["pixel_accuracy"] == pytest.approx(3 / 4)
+
+
+def test_miou_counts_a_class_predicted_but_absent_from_the_truth_as_zero():
+    """A class in the prediction or the truth is present; one without any correct pixel has IoU 0
+    and still counts in the mean (classes in neither are left out)."""
+    spec = get_task("segment_semantic")
+    target = torch.tensor([[[0, 0, 1, 1, 3]]])
+    logits = torch.full((1, spec.channels, 1, 5), -1.0)
+    for x, c in enumerate([0, 2, 1, 1, 1]):  # class 2 only predicted, class 3 only true
+        logits[0, c, 0, x] = 1.0
+    m = _one("segment_semantic", logits, target)
+    # class 0: inter 1, union 2; class 1: inter 2, union 3; class 2: 0 / 1; class 3: 0 / 1
+    assert m["miou"] == pytest.approx((1 / 2 + 2 / 3 + 0 + 0) / 4)
+    assert m["pixel_accuracy"] == pytest.approx(3 / 5) and m["count"] == 5
+
+
+def test_miou_padding_weight_equals_dropping_the_image():
+    """Weight 0 on an image removes all its pixels from the confusion table: the same numbers as
+    evaluating the other image alone (worked out by hand)."""
+    spec = get_task("segment_semantic")
+    target = torch.tensor([[[0, 0, 1, 1]], [[2, 2, 2, 2]]])
+    logits = torch.full((2, spec.channels, 1, 4), -1.0)
+    for b, row in enumerate([[0, 1, 1, 1], [3, 3, 3, 3]]):
+        for x, c in enumerate(row):
+            logits[b, c, 0, x] = 1.0
+    both = _one("segment_semantic", logits, target)
+    # classes 0: 1/2, 1: 2/3, 2: 0/4, 3: 0/4
+    assert both["miou"] == pytest.approx((1 / 2 + 2 / 3) / 4) and both["count"] == 8
+    padded = _one("segment_semantic", logits, target, weight=torch.tensor([1.0, 0.0]))
+    alone = _one("segment_semantic", logits[:1], target[:1])
+    assert padded == alone
+    assert padded["miou"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert padded["pixel_accuracy"] == pytest.approx(3 / 4) and padded["count"] == 4
+
+
+def test_samples_count_the_weighted_images_only():
+    """``samples`` is the sum of the per-sample weights (padding samples do not count); without a
+    weight every image counts once. It travels through the all-reduce vector as its last entry."""
+    batch = {"image": torch.zeros(3, 3, 4, 4), "targets": {"class_scene": torch.eye(3, 63)}}
+    preds = {"class_scene": torch.eye(3, 63)}
+    sums = MetricSums(["class_scene"])
+    sums.update(preds, batch, torch.tensor([1.0, 0.0, 1.0]))
+    assert sums.samples == 2.0
+    sums.update(preds, batch)
+    assert sums.samples == 5.0
+    assert sums.vector()[-1].item() == 5.0
+    assert sums.compute()["class_scene"] == {"accuracy": 1.0, "count": 5.0}
 
 
 def test_sums_over_batches_equal_one_pass():

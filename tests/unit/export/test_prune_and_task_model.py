@@ -131,6 +131,17 @@ def test_kept_expert_rules():
         kept_experts(share, counts)
 
 
+def test_keep_top_breaks_ties_by_the_lower_expert_id():
+    """``keep_top`` ranks by usage share, and an equal share goes to the lower expert id (the
+    documented tie rule), so the kept set does not depend on the order of equal floats."""
+    counts = torch.tensor([10.0, 30.0, 0.0, 30.0, 30.0])
+    share = usage_share(counts[None], torch.tensor([100.0]), top_k=1)[0]  # 0.1, 0.3, 0, 0.3, 0.3
+    assert kept_experts(share, counts, keep_top=0.2) == [1]  # ceil(0.2 * 5) = 1 of three tied at 0.3
+    assert kept_experts(share, counts, keep_top=0.4) == [1, 3]  # 2 of the three tied: ids 1 and 3
+    assert kept_experts(share, counts, keep_top=0.6) == [1, 3, 4]
+    assert kept_experts(share, counts, keep_top=0.8) == [0, 1, 3, 4]  # expert 2 unused: never kept
+
+
 def test_exported_files_load_with_plain_torch_and_timm(trained, tmp_path):
     cfg, model, images, out, tables = trained
     config, state = pruned_task_model(Weights(model.state_dict(), cfg), "class_scene",

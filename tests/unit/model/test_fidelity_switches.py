@@ -44,6 +44,22 @@ def test_wide_dense_attention_only_in_blocks_with_moe_mlp():
     assert widths == {0: d, 1: 2 * d, 2: d, 3: 2 * d}
 
 
+def test_cls_token_class_head():
+    """The default head (``model.class_head: cls_token``) is the linear layer on token 0 alone:
+    changing the class token changes the logits, changing any patch token (token 1 included)
+    leaves them bit for bit as they were."""
+    cfg, model = _model()
+    head = model.heads["class_scene"]
+    tokens = torch.randn(2, 17, cfg.model.embed_dim)
+    assert torch.allclose(head(tokens), head.proj(tokens[:, 0]), atol=1e-6)
+    patches = tokens.clone()
+    patches[:, 1:] += 100.0  # every patch token, the first one included
+    assert torch.equal(head(patches), head(tokens))
+    cls = tokens.clone()
+    cls[:, 0] += 100.0
+    assert not torch.allclose(head(cls), head(tokens), atol=1e-3)
+
+
 def test_mean_patch_class_head():
     cfg, model = _model("model.class_head=mean_patch")
     head = model.heads["class_scene"]

@@ -34,6 +34,16 @@ def test_cosine_loss_is_one_minus_cosine_of_normalised_vectors():
     assert cosine_loss(pred, target).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_cosine_loss_keeps_the_sign_of_the_cosine():
+    """A normal pointing the opposite way costs 2 (cos = -1) and one at 135 degrees 1 + cos 45°:
+    the loss is 1 - cos, not 1 - |cos| (which would make a flipped normal free)."""
+    target = torch.tensor([0.0, 0.0, 1.0]).view(1, 3, 1, 1).repeat(1, 1, 1, 2)
+    pred = torch.tensor([[[[0.0, 3.0]], [[0.0, 0.0]], [[-5.0, -3.0]]]])  # opposite; 135 degrees
+    assert cosine_loss(pred[..., :1], target[..., :1]).item() == pytest.approx(2.0, rel=1e-6)
+    expected = (2.0 + (1 + math.cos(math.pi / 4))) / 2
+    assert cosine_loss(pred, target).item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_soft_cross_entropy_with_a_one_hot_target_is_nll():
     logits = torch.tensor([[2.0, 0.0, -1.0]])
     target = torch.tensor([[0.0, 1.0, 0.0]])

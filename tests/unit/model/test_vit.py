@@ -87,6 +87,65 @@ def test_pixel_head_unpatchifies_in_raster_order():
     assert torch.equal(out[8:16, 24:32], torch.arange(64.0).view(8, 8))
 
 
+def test_pixel_head_places_each_patch_token_at_its_grid_cell():
+    """Each patch token carries its own index k = r * grid + c (feature 0, passed through by the
+    head); the 3-channel head's bias marks the place inside the patch and the channel. The output
+    cell (r, c) must hold token r * grid + c: row-major over the grid, not transposed."""
+    cfg, model = _tiny()
+    head = model.heads["normal"]  # 3 channels, 8x8 patches, 4x4 grid on 32x32 images
+    with torch.no_grad():
+        head.proj.weight.zero_()
+        head.proj.weight[:, 0] = 1000.0  # every output value = 1000 * token feature 0 + bias
+        head.proj.bias.copy_(torch.arange(192.0))  # output unit (i * 8 + j) * 3 + ch
+    tokens = torch.zeros(1, 17, 64)
+    tokens[0, 0, 0] = -7.0  # the class token is dropped: must appear nowhere
+    tokens[0, 1:, 0] = torch.arange(16.0)  # patch token k carries k
+    out = head(tokens)[0]
+    assert out.shape == (3, 32, 32)
+    inside = torch.arange(64.0).view(8, 8) * 3  # (i * 8 + j) * 3
+    for r in range(4):
+        for c in range(4):
+            for ch in range(3):
+                block = out[ch, 8 * r:8 * r + 8, 8 * c:8 * c + 8]
+                assert torch.equal(block, 1000.0 * (r * 4 + c) + inside + ch), (r, c, ch)
+    # two cells spelled out: (0, 1) holds token 1, (1, 0) holds token 4
+    assert out[0, 0, 8].item() == 1000.0 and out[0, 8, 0].item() == 4000.0
+
+
+@pytest.mark.parametrize("first_block", [0, 1])
+def test_task_embedding_is_added_before_every_block_after_the_prefix(first_block):
+    """The reference code adds task_embed[t] to slot t's tokens before every block from
+    ``moe.first_block`` on (eq. 4), not once: each such block's input equals the previous block's
+    output (the prefix's output for the first one) plus its slot's task embedding, for every slot,
+    also with a reordered task selection."""
+    cfg, model = _tiny(f"moe.first_block={first_block}", "moe.router_noise=false")
+    model.eval()
+    with torch.no_grad():  # distinct, large embeddings per task so that a missing add shows
+        model.task_embed.copy_(torch.arange(len(TASKS) * 64.0).view(len(TASKS), 64) / 10.0)
+    inputs, outputs = [], []
+
+    def record(module, args, out):
+        inputs.append(args[0])
+        outputs.append(out[0])
+
+    for block in model.blocks[first_block:]:
+        block.register_forward_hook(record)
+    images = torch.randn(2, 3, 32, 32)
+    for selection in (None, ["normal", "class_scene", "segment_semantic"]):
+        inputs.clear()
+        outputs.clear()
+        with torch.no_grad():
+            model(images, selection)
+            prefix = model.embed(images)  # (1, B, N, D)
+        ids = list(range(len(TASKS))) if selection is None else [TASKS.index(t) for t in selection]
+        assert len(inputs) == cfg.model.depth - first_block
+        before = [prefix.expand(len(ids), -1, -1, -1)] + outputs[:-1]
+        for x_in, x_prev in zip(inputs, before):
+            assert x_in.shape[0] == len(ids)
+            for slot, t in enumerate(ids):
+                torch.testing.assert_close(x_in[slot], x_prev[slot] + model.task_embed[t], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_preset_builds_and_is_registered_with_timm(preset):
     name = {"tiny": "modsquad_vit_tiny_patch8_32", "small": "modsquad_vit_small_patch16_224",

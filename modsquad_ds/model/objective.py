@@ -97,6 +97,7 @@ class MultiTaskObjective(nn.Module):
         aux, stats = self.aux_loss(out, reduce_table or _identity)
         total = self.weighting(losses) + aux
         stats.update({f"loss/{name}": loss.detach() for name, loss in losses.items()})
+        stats.update({f"weight/{name}": w for name, w in self.weighting.weights().items() if name in losses})
         stats["loss/aux"] = aux.detach()
         stats["loss/total"] = total.detach()
         return total, stats

@@ -2,7 +2,8 @@
 
 Uncertainty weighting (Kendall et al. 2018, as in the reference code) learns s_t = log sigma_t^2
 per task and adds ``0.5 * exp(-s_t) * L_t + log(1 + exp(s_t))``; the second term keeps sigma from
-growing without bound. Fixed weighting multiplies by constants.
+growing without bound. Fixed weighting multiplies by constants. ``weights()`` gives each task's factor on its loss (detached,
+on the device: the trainer logs them as ``weight/<task>``, so the learned weights show in TensorBoard).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ class UncertaintyWeighting(nn.Module):
             total = total + 0.5 * torch.exp(-s) * loss + F.softplus(s)
         return total
 
-    def weights(self) -> dict[str, float]:
-        return {n: float(0.5 * torch.exp(-s)) for n, s in zip(self.task_names, self.log_vars.detach())}
+    def weights(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.task_names, (0.5 * torch.exp(-self.log_vars.detach())).unbind()))
 
 
 class FixedWeighting(nn.Module):
@@ -43,5 +44,5 @@ class FixedWeighting(nn.Module):
             total = total + self.task_weights[self.task_names.index(name)] * loss
         return total
 
-    def weights(self) -> dict[str, float]:
-        return dict(zip(self.task_names, self.task_weights.tolist()))
+    def weights(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.task_names, self.task_weights.unbind()))

@@ -70,8 +70,21 @@ def test_uncertainty_weighting_formula():
     total = w({"a": torch.tensor(2.0), "b": torch.tensor(8.0)})
     # 0.5/sigma^2 * L + log(1 + sigma^2): a: 0.5*2 + log 2; b: 0.5/4*8 + log 5
     assert total.item() == pytest.approx(1 + math.log(2) + 1 + math.log(5), rel=1e-6)
+    # the factors on the losses, as the trainer logs them (weight/<task>): 0.5/sigma^2
+    assert {n: v.item() for n, v in w.weights().items()} == pytest.approx({"a": 0.5, "b": 0.125})
     fixed = FixedWeighting(["a", "b"], {"b": 0.5})
     assert fixed({"a": torch.tensor(2.0), "b": torch.tensor(8.0)}).item() == pytest.approx(6.0)
+    assert {n: v.item() for n, v in fixed.weights().items()} == {"a": 1.0, "b": 0.5}
+
+
+def test_objective_reports_each_trained_tasks_weight():
+    cfg = load_config(overrides=["tasks.names=[edge_texture, normal]", "loss.aux=none"])
+    objective = MultiTaskObjective(cfg)
+    with torch.no_grad():
+        objective.weighting.log_vars.copy_(torch.tensor([math.log(2.0), 0.0]))
+    out = ModelOutput({"edge_texture": torch.ones(1, 1, 2, 2)}, [])  # one task in this batch
+    _, stats = objective(out, {"targets": {"edge_texture": torch.zeros(1, 1, 2, 2)}})
+    assert stats["weight/edge_texture"].item() == pytest.approx(0.25) and "weight/normal" not in stats
 
 
 def _routing(table):

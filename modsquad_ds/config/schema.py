@@ -14,6 +14,17 @@ from modsquad_ds.config.data import DataConfig
 from modsquad_ds.config.finetune import FinetuneConfig
 from modsquad_ds.config.train import TrainConfig
 
+COMPILE_NEEDS_TORCH = (2, 10)
+"""The oldest torch whose ``torch.compile`` compiles the model's blocks (tested from 2.4 up)."""
+
+
+def installed_torch() -> tuple[int, int]:
+    """(major, minor) of the installed torch, read from its metadata (no import)."""
+    from importlib.metadata import version
+
+    major, minor = version("torch").split(".")[:2]
+    return int(major), int(minor)
+
 
 class ConfigError(ValueError):  # noqa: N818 - reads better at call sites than ConfigurationError
     """A bad configuration value; ``key`` is the dotted path as the user writes it."""
@@ -62,7 +73,8 @@ class ModelConfig:
     so parameter names, DeepSpeed's view and the checkpoints are unchanged. The first step compiles
     (tens of seconds); the gain is fewer kernel launches on GPUs, where the step is launch-bound at
     the small preset (issue 7; ``benchmarks/train_step.py --compile`` measures it). Needs
-    train.ep_size 1 (DeepSpeed's all-to-all is not traced). Random draws differ from eager mode's."""
+    train.ep_size 1 (DeepSpeed's all-to-all is not traced) and torch >= 2.10 (older compilers fail on
+    the MoE blocks). Random draws differ from eager mode's."""
 
     def __post_init__(self):
         _require(self.class_head in ("cls_token", "mean_patch"), "class_head",
@@ -206,6 +218,12 @@ class RunConfig:
     def __post_init__(self):
         _require(not (self.model.compile and self.train.ep_size > 1), "model.compile",
                  f"needs train.ep_size 1, got {self.train.ep_size} (DeepSpeed's all-to-all is not traced)")
+        if self.model.compile:
+            have = installed_torch()
+            _require(have >= COMPILE_NEEDS_TORCH, "model.compile",
+                     f"needs torch >= {'.'.join(map(str, COMPILE_NEEDS_TORCH))}, this is {'.'.join(map(str, have))} "
+                     "(its torch.compile fails on the MoE blocks: 2.4-2.5 overwrite the kernel probe, 2.7-2.9 stop "
+                     "at the data-dependent expert loop)")
         _require(self.moe.first_block <= self.model.depth, "moe.first_block",
                  f"({self.moe.first_block}) must be <= model.depth ({self.model.depth})")
         for name in self.loss.task_weights:

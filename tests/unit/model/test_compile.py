@@ -51,3 +51,15 @@ def test_compiled_blocks_equal_eager_blocks(monkeypatch):
 def test_compile_refuses_expert_parallelism():
     with pytest.raises(ConfigError, match=r"model\.compile.*train\.ep_size 1"):
         load_config(preset="tiny", overrides=["model.compile=true", "train.ep_size=2"])
+
+
+def test_compile_refuses_a_torch_whose_compiler_fails_on_the_blocks(monkeypatch):
+    """torch 2.4-2.9 (tested one by one) fail to compile the MoE blocks, each in its own way mid-run:
+    the setting is refused up front, naming the version."""
+    from modsquad_ds.config import schema
+
+    assert schema.installed_torch() >= (2, 10)  # this environment (constraints.txt) compiles
+    monkeypatch.setattr(schema, "installed_torch", lambda: (2, 9))
+    with pytest.raises(ConfigError, match=r"model\.compile: needs torch >= 2\.10, this is 2\.9"):
+        load_config(preset="tiny", overrides=["model.compile=true"])
+    load_config(preset="tiny", overrides=["model.compile=false"])  # the default needs nothing

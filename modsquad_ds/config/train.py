@@ -77,7 +77,9 @@ class TrainConfig:
         require(0 <= self.min_lr <= self.lr, "min_lr", f"must be in [0, train.lr], got {self.min_lr}")
         require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         require(0 <= self.warmup_steps <= self.steps, "warmup_steps",
-                f"must be in [0, train.steps ({self.steps})], got {self.warmup_steps}")
+                f"must be in [0, train.steps ({self.steps})], got {self.warmup_steps}"
+                + (f"; for a run this short add --set train.warmup_steps={self.steps // 2}"
+                   if self.warmup_steps > self.steps else ""))
         require(bool(self.ds_config), "ds_config", "must name a DeepSpeed JSON file")
         if self.zero_stage == 3:
             raise ConfigError("zero_stage", "3 is refused: Native DeepSpeed MoE is not supported with "

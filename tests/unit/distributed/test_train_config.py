@@ -25,7 +25,8 @@ def test_overrides_parse():
     ("train.grad_accum=0", "train.grad_accum: must be >= 1"),
     ("train.grad_clip=-1", "train.grad_clip: must be >= 0"),
     ("train.ep_size=0", "train.ep_size: must be >= 1"),
-    ("train.warmup_steps=500", "train.warmup_steps: must be in [0, train.steps (100)]"),
+    ("train.warmup_steps=500", "train.warmup_steps: must be in [0, train.steps (100)], got 500; for a run this "
+                               "short add --set train.warmup_steps=50"),
     ("train.heartbeat_timeout_s=-1", "train.heartbeat_timeout_s: must be >= 0"),
     ("train.dist_timeout_s=0", "train.dist_timeout_s: must be positive"),
     ("train.nonfinite_patience=0", "train.nonfinite_patience: must be >= 1"),

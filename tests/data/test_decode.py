@@ -29,6 +29,26 @@ def test_depth_in_metres_and_mask_from_raw():
     assert mask.tolist() == [[True, True], [True, False]]
 
 
+def test_depth_64500_is_the_first_invalid_value():
+    """The rule is depth_zbuffer >= 64500 means 'no geometry' (field notes; decode.DEPTH_INVALID_MIN):
+    64499 is valid, 64500 and everything above it is not. Proven for both places the rule is applied:
+    depth_valid (the mask every depth-masked task inherits) and each depth task's own mask, which
+    to_target builds from its raw values (here with an all-valid z-buffer map, so only that own mask
+    can mark anything invalid)."""
+    raw = np.array([[64498, 64499], [64500, 64501], [65534, 65535]], dtype=np.uint16)
+    expected = [[True, True], [False, False], [False, False]]
+    assert decode.depth_valid(raw).tolist() == expected
+    all_valid = np.ones(raw.shape, bool)
+    for domain in ("depth_zbuffer", "depth_euclidean"):
+        target, mask = decode.to_target(get_task(domain), raw, all_valid)
+        assert mask.tolist() == expected, domain
+        assert target[0, 1, 0] == np.float32(64500 / 512)  # the value is kept, only masked
+    # a depth-masked task takes the z-buffer's boundary: a normal at a 64500 pixel is invalid
+    normals = np.full((3, 2, 3), [128, 128, 255], np.uint8)
+    _, nmask = decode.to_target(get_task("normal"), normals, decode.depth_valid(raw))
+    assert nmask.tolist() == expected
+
+
 def test_normals_decode_to_unit_vectors_and_invalid_code_masked():
     raw = np.array([[[255, 128, 128], [128, 1, 128], [128, 128, 128]]], dtype=np.uint8)  # +x, -y, invalid
     valid = np.ones((1, 3), bool)

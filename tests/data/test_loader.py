@@ -1,14 +1,16 @@
 """The streaming loader on real tar shards written by data_tools.make_shards, read by real
 DataLoader worker processes."""
 
+import io
 import pickle
+import tarfile
 
 import numpy as np
 import pytest
 import torch
 
 from data_helpers import cfg_for, collect, copy_shards, rewrite_index, rewrite_tar
-from modsquad_ds.data.corrupt import CorruptDataError
+from modsquad_ds.data.corrupt import CorruptCounter, CorruptDataError
 from modsquad_ds.data.decode import decode_png
 from modsquad_ds.data.layout import SampleId
 from modsquad_ds.data.loader import build_eval_loader, build_shard_loader, build_train_loader
@@ -93,8 +95,32 @@ def test_pickle_payload_in_a_shard_is_never_executed(all_shards, tmp_path):
     assert len(batches) == 10 and not marker.exists()
 
 
-def test_corrupt_samples_are_skipped_counted_per_shard(all_shards, tmp_path):
-    out = copy_shards(all_shards, tmp_path / "corrupt")
+def _truncation_damage(original: bytes, cut: int) -> tuple[int, int]:
+    """(lost, partial) for a tar cut at byte ``cut``, from its member layout alone (tarfile offsets).
+
+    A sample arrives whole when all its members (header, data, padding to 512) lie before the cut.
+    A cut inside a member header, or exactly at its start, reads as a clean end of archive there:
+    when that member is not its sample's first, the sample arrives without its later domains
+    (``partial``, reported as "missing domain"). Every other sample of the shard is lost: reported
+    once as "truncated or unreadable tar". (Checked against tar_reader.read_span at every 97th cut
+    of a fixture shard when this was written.)"""
+    layout = []  # (key, header offset, padded end) in stored order
+    with tarfile.open(fileobj=io.BytesIO(original)) as tf:
+        for m in tf:
+            layout.append((m.name.split(".")[0], m.offset, m.offset_data + -(-m.size // 512) * 512))
+    keys = list(dict.fromkeys(k for k, _, _ in layout))
+    whole = sum(1 for k in keys if max(e for kk, _, e in layout if kk == k) <= cut)
+    firsts = {min(h for kk, h, _ in layout if kk == k) for k in keys}
+    partial = int(any(h <= cut < h + 512 and h not in firsts for _, h, _ in layout))
+    return len(keys) - whole - partial, partial
+
+
+def _damaged_copy(all_shards, dst):
+    """The train shards with three kinds of damage: shard 0's first depth_zbuffer garbled
+    (undecodable), shard 1's first normal dropped (missing domain), shard 2 cut to half its bytes
+    after the index was written. Returns (folder, lost, partial): shard 2's samples the cut loses and
+    whether one arrives incomplete, derived from its layout (_truncation_damage)."""
+    out = copy_shards(all_shards, dst)
     state = {"bad_png": 0, "dropped": 0}
 
     def garble_one_depth(name, data):
@@ -113,18 +139,52 @@ def test_corrupt_samples_are_skipped_counted_per_shard(all_shards, tmp_path):
     rewrite_tar(out / "train-000001.tar", drop_one_normal)
     rewrite_index(out)
     truncated = out / "train-000002.tar"
-    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])  # after the index
+    original = truncated.read_bytes()
+    cut = len(original) // 2
+    truncated.write_bytes(original[:cut])  # after the index
+    lost, partial = _truncation_damage(original, cut)
+    assert 1 <= lost <= 7 - partial  # the cut is mid-shard (4 lost, 0 partial at the time of writing)
+    return out, lost, partial
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_corrupt_samples_are_skipped_counted_per_shard(all_shards, tmp_path, epoch):
+    """A full epoch despite damage, and every corrupt sample reported exactly once, under its shard
+    and reason: a worker left short refills by reading its span again, which meets the same damage,
+    and those repeats are not reported again (nor counted against data.max_corrupt). In epoch 1 both
+    workers' refill passes meet damage again before their quotas are full (plan.epoch_shard_order puts
+    the truncated shard first in worker 0's span, shard 0 with its undecodable first sample first in
+    worker 1's); in epoch 0 the refills end before any damage."""
+    out, lost, partial = _damaged_copy(all_shards, tmp_path / "corrupt")
     cfg = cfg_for(out, batch_size=2, workers=2, shuffle_buffer=4)
-    loader = build_train_loader(cfg, 0, 1, epoch=0)
+    loader = build_train_loader(cfg, 0, 1, epoch=epoch)
     batches = collect(loader)
     assert len(batches) == 15  # still a full epoch: short workers refill from their own shards
     report = loader.corrupt_report()
     assert report["train-000000.tar"] == {"undecodable": 1}
     assert report["train-000001.tar"] == {"missing domain": 1}
-    lost = report["train-000002.tar"]["truncated or unreadable tar"]
-    assert 1 <= lost <= 7
+    assert report["train-000002.tar"] == {"truncated or unreadable tar": lost,
+                                          **({"missing domain": 1} if partial else {})}
+    assert set(report) == {"train-000000.tar", "train-000001.tar", "train-000002.tar"}
     keys = [k for b in batches for k in b["keys"]]
-    assert len(keys) == 30 and len(set(keys)) == 30 - 2 - lost  # refills repeat usable samples
+    assert len(keys) == 30 and len(set(keys)) == 30 - 2 - lost - partial  # refills repeat usable samples
+
+
+@pytest.mark.parametrize("workers,start", [(0, 4), (2, 5), (3, 7)])
+def test_resume_mid_epoch_after_corrupt_samples_equals_uninterrupted(all_shards, tmp_path, workers, start):
+    """Resuming skips the usable samples the interrupted run consumed, not stream items: corrupt
+    samples met before the resume point (a resumed worker reads its span from the start again) must
+    not count towards the skip, or the resumed run starts that many samples too early. Proven with
+    shards holding undecodable, incomplete and truncated samples; in epoch 1 the truncated shard
+    leads the span of the (first) worker, so its lost samples come before each of these resume points
+    (each case fails when they are counted)."""
+    out, _, _ = _damaged_copy(all_shards, tmp_path / "corrupt")
+    cfg = cfg_for(out, batch_size=2, workers=workers, shuffle_buffer=4)
+    full = collect(build_train_loader(cfg, 0, 1, epoch=1))
+    assert len(full) == 15
+    resumed = collect(build_train_loader(cfg, 0, 1, epoch=1, start_batch=start))
+    assert len(resumed) == 15 - start
+    _same_batches(full[start:], resumed)
 
 
 def test_corrupt_limit_stops_with_the_shard_named(all_shards, tmp_path):
@@ -134,6 +194,35 @@ def test_corrupt_limit_stops_with_the_shard_named(all_shards, tmp_path):
     rewrite_index(out)
     with pytest.raises(CorruptDataError, match=r"train-000003\.tar"):
         collect(build_train_loader(cfg_for(out, batch_size=2, workers=2, max_corrupt=3), 0, 1, epoch=0))
+
+
+def test_corrupt_limit_allows_exactly_max_corrupt_samples():
+    """data.max_corrupt is the number of corrupt samples tolerated: with limit 2 the first and second
+    add() pass and the third raises, naming the count, the limit and the shard; limit 0 tolerates
+    none. Counts stay per shard and per reason."""
+    counter = CorruptCounter(2, " on rank 0 this epoch", log_first=False)
+    counter.add("a.tar", "k1", "undecodable", "k1 rgb: bad")
+    counter.add("b.tar", "k2", "missing domain", "k2 lacks normal")
+    assert counter.total == 2
+    with pytest.raises(CorruptDataError, match=r"^3 corrupt samples on rank 0 this epoch exceed "
+                                               r"data\.max_corrupt=2; last in shard a\.tar: undecodable"):
+        counter.add("a.tar", "k3", "undecodable", "k3 depth: bad")
+    assert counter.report() == {"a.tar": {"undecodable": 2}, "b.tar": {"missing domain": 1}}
+    with pytest.raises(CorruptDataError, match="data.max_corrupt=0"):
+        CorruptCounter(0, log_first=False).add("a.tar", "k", "undecodable", "bad")
+
+
+def test_max_corrupt_equal_to_the_damage_finishes_the_epoch(all_shards, tmp_path):
+    """End to end on damaged shards (2 + lost + partial corrupt samples in epoch 0, each reported once):
+    data.max_corrupt equal to that number finishes the epoch; one less stops it."""
+    out, lost, partial = _damaged_copy(all_shards, tmp_path / "corrupt")
+    damage = 2 + lost + partial
+    loader = build_train_loader(cfg_for(out, batch_size=2, workers=2, shuffle_buffer=4, max_corrupt=damage),
+                                0, 1, epoch=0)
+    assert len(collect(loader)) == 15 and sum(sum(c.values()) for c in loader.corrupt_report().values()) == damage
+    with pytest.raises(CorruptDataError, match=f"exceed data.max_corrupt={damage - 1};"):
+        collect(build_train_loader(cfg_for(out, batch_size=2, workers=2, shuffle_buffer=4,
+                                           max_corrupt=damage - 1), 0, 1, epoch=0))
 
 
 def test_decoded_values_round_trip_release_encodings(all_shards, mini_root):
@@ -156,20 +245,44 @@ def test_decoded_values_round_trip_release_encodings(all_shards, mini_root):
 
 
 def test_flip_in_the_loader_negates_normal_x(all_shards):
-    plain = cfg_for(all_shards, batch_size=2, workers=0, hflip=False)
-    flip = cfg_for(all_shards, batch_size=2, workers=0, hflip=True)
-    a = {k: i for b in build_train_loader(plain, 0, 1, epoch=0) for i, k in enumerate(b["keys"])}
+    """With hflip on, exactly the samples whose coin (flip_decision) says so come out mirrored:
+    image, every pixel target and every mask (the mini release's depth masks are not left-right
+    symmetric, so an unflipped mask is caught), with normal x negated; class targets unchanged.
+    The others are bit-identical to the hflip=False run. Both kinds occur in the epoch."""
     from modsquad_ds.data.transforms import flip_decision
 
-    for b0, b1 in zip(build_train_loader(plain, 0, 1, epoch=0), build_train_loader(flip, 0, 1, epoch=0)):
+    plain = cfg_for(all_shards, batch_size=2, workers=0, hflip=False)
+    flip = cfg_for(all_shards, batch_size=2, workers=0, hflip=True)
+    flipped = unflipped = asymmetric_masks = 0
+    pairs = list(zip(build_train_loader(plain, 0, 1, epoch=0), build_train_loader(flip, 0, 1, epoch=0)))
+    assert len(pairs) == 15
+    for b0, b1 in pairs:
+        assert b0["keys"] == b1["keys"]
+        assert set(b0["masks"]) == set(b1["masks"]) and "normal" in b0["masks"]
         for i, key in enumerate(b0["keys"]):
+            if not flip_decision(plain.seed, 0, key):
+                unflipped += 1
+                assert torch.equal(b1["image"][i], b0["image"][i])
+                for t in b0["targets"]:
+                    assert torch.equal(b1["targets"][t][i], b0["targets"][t][i]), t
+                for t in b0["masks"]:
+                    assert torch.equal(b1["masks"][t][i], b0["masks"][t][i]), t
+                continue
+            flipped += 1
+            assert torch.equal(b1["image"][i], b0["image"][i].flip(-1))
             n0, n1 = b0["targets"]["normal"][i], b1["targets"]["normal"][i]
-            if flip_decision(plain.seed, 0, key):
-                assert torch.allclose(n1[0], -n0[0].flip(-1)) and torch.allclose(n1[1:], n0[1:].flip(-1))
-                assert torch.equal(b1["image"][i], b0["image"][i].flip(-1))
-            else:
-                assert torch.equal(n1, n0)
-    assert a
+            assert torch.equal(n1[0], -n0[0].flip(-1)) and torch.equal(n1[1:], n0[1:].flip(-1))
+            for t in b0["targets"]:
+                if t == "normal":
+                    continue
+                x0, x1 = b0["targets"][t][i], b1["targets"][t][i]
+                assert torch.equal(x1, x0.flip(-1) if x0.dim() >= 2 else x0), t  # class: (C,), unflipped
+            for t in b0["masks"]:
+                m0, m1 = b0["masks"][t][i], b1["masks"][t][i]
+                assert torch.equal(m1, m0.flip(-1)), t
+                asymmetric_masks += int(not torch.equal(m0, m0.flip(-1)))
+    assert flipped + unflipped == 30 and flipped >= 1 and unflipped >= 1
+    assert asymmetric_masks >= 1  # otherwise the mask check above could not tell flipped from not
 
 
 def test_raw_folder_reader_gives_the_same_samples_as_shards(all_shards, mini_root):

@@ -2,8 +2,9 @@
 
 Uncertainty weighting (Kendall et al. 2018, as in the reference code) learns s_t = log sigma_t^2
 per task and adds ``0.5 * exp(-s_t) * L_t + log(1 + exp(s_t))``; the second term keeps sigma from
-growing without bound. Fixed weighting multiplies by constants. ``weights()`` gives each task's factor on its loss (detached,
-on the device: the trainer logs them as ``weight/<task>``, so the learned weights show in TensorBoard).
+growing without bound. Fixed weighting multiplies by constants. ``weights()`` gives each task's
+factor on its loss (detached, on the device: the trainer logs them as ``weight/<task>``, so the
+learned weights show in TensorBoard).
 """
 
 from __future__ import annotations

@@ -83,7 +83,8 @@ def test_gpu_check_records_every_part_and_fails_when_none_ran(tmp_path):
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
     assert f"python {sys.version.split()[0]}, torch " in results, results
     skipped = [line for line in results.splitlines() if line.endswith(": SKIPPED (budget spent)")]
-    assert len(skipped) == 6, results  # on a CPU: the two test parts, moe_layer, train_step, trainer_overhead + its data
+    # on a CPU: the two test parts, moe_layer, train_step, trainer_overhead and its data
+    assert len(skipped) == 6, results
     assert results.splitlines()[-1].startswith("gpu_check done in "), results
     assert "parts failed or skipped: " in results.splitlines()[-1]
     named = set(re.findall(r"(?:tests/gpu|benchmarks)/\w+\.(?:py|sh)", (ROOT / "benchmarks/gpu_check.sh").read_text()))

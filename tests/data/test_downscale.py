@@ -97,6 +97,7 @@ def test_resize_never_enlarges(full_and_small):
         files = {domain: tf.extractfile(m).read() for (key, domain, _), m in members if key == members[0][0][0]}
     with pytest.raises(DecodeError, match=f"is {SIZE}x{SIZE}, smaller than --resize {STORED}"):
         downscale_sample(files, STORED)
+    assert downscale_sample(files, SIZE) == files  # already that size: the same bytes, not re-encoded
 
 
 def test_shard_size_estimate_counts_downscaled_bytes(full_and_small):

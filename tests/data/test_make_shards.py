@@ -1,6 +1,7 @@
 """The sharding tools on a real mini release: layout, byte-for-byte copies, resume, job ranges,
 index and verification."""
 
+import io
 import json
 import os
 import signal
@@ -199,3 +200,26 @@ def test_sigterm_stops_like_ctrl_c_with_exit_143(mini_root, tmp_path, capsys):
     assert not list(out.glob(".*"))
     assert make_shards.main(args) == 0
     assert len(load_index(out / "train.index.json").shards) == 5
+
+
+def test_verify_names_scattered_members_wrong_counts_and_missing_domains(all_shards, tmp_path):
+    """A tar rewritten by hand: one sample's members split apart, one domain file of another sample
+    dropped; the index claims one sample more than the tar holds. Each is one line naming the shard."""
+    from modsquad_ds.data.shard_index import ShardInfo
+
+    index = load_index(all_shards / "train.index.json")
+    with tarfile.open(index.shards[0].path) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf if m.isfile()]
+    keys = list(dict.fromkeys(m.name.split(".")[0] for m, _ in members))
+    first = [x for x in members if x[0].name.startswith(keys[0] + ".")]
+    dropped = [x for x in members if x[0].name.startswith(keys[1] + ".")][0]
+    rest = [x for x in members if x not in first and x is not dropped]
+    tar = tmp_path / "train-000000.tar"
+    with tarfile.open(tar, "w") as out:
+        for member, data in first[:1] + rest + first[1:]:  # the first sample's other files at the end
+            out.addfile(member, io.BytesIO(data))
+    problems = verify_shards.check_shard((ShardInfo(tar.name, 8, path=str(tar)), index.domains, False))
+    lost = dropped[0].name.split(".")[1]
+    assert problems == [f"train-000000.tar: members of {keys[0]} are not consecutive",
+                        "train-000000.tar: 7 samples, index says 8",
+                        f"train-000000.tar: {keys[1]} lacks {lost}"]

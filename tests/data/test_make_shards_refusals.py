@@ -110,11 +110,13 @@ def test_verify_flags_an_index_without_samples_and_a_malformed_one(all_shards, t
     empty.write_text(json.dumps(dict(index, shards=[])))
     assert verify_shards.main(["--index", str(empty), "--no-progress"]) == 1
     assert "the index lists no samples" in capsys.readouterr().out
-    for broken in ([1, 2], dict(index, shards=[{"name": "train-000000.tar"}])):
+    for broken in ([1, 2], dict(index, shards=[{"name": "train-000000.tar"}]), dict(index, version=2)):
         bad = tmp_path / "bad.index.json"
         bad.write_text(json.dumps(broken))
         assert verify_shards.main(["--index", str(bad), "--no-progress"]) == 1
         assert _error_line(capsys).startswith(f"error: {bad}: ")
+    with pytest.raises(ValueError, match=r"index version 2 is not supported \(expected 1\)"):
+        load_index(bad)  # the last one: a newer format, not read as if it were this one
 
 
 @pytest.mark.parametrize("workers", [1, 2])

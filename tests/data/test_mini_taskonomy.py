@@ -93,3 +93,16 @@ def test_an_output_path_through_a_file_gets_one_line(tmp_path, capsys):
         main(["--out", str(tmp_path / "afile" / "release")])
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("cannot create the folder (Not a directory)")
+
+
+def test_euclidean_depth_may_round_one_unit_below_zbuffer_depth_not_more():
+    """Euclidean depth is never shorter than z-buffer depth, but both are rounded to 1/512 m: one unit
+    less is rounding, two units less is a wrong file."""
+    from data_tools.release_io import encode_png
+
+    z = np.full((4, 4), 1000, np.uint16)
+    for shorter, expected in ((0, []), (1, []), (2, ["depth_euclidean is shorter than depth_zbuffer somewhere"])):
+        e = z.copy()
+        e[1, 2] -= shorter
+        files = {"depth_zbuffer": encode_png(z), "depth_euclidean": encode_png(e)}
+        assert check_sample(files) == expected, shorter

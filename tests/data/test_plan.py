@@ -55,3 +55,13 @@ def test_spans_cross_shard_boundaries():
     order = [ShardInfo("a", 3), ShardInfo("b", 4)]
     spans = plan.spans_for_range(order, 2, 3)
     assert [(s.shard.name, s.first, s.count) for s in spans] == [("a", 2, 1), ("b", 0, 2)]
+
+
+def test_a_cap_above_the_split_size_changes_nothing():
+    """data.samples_per_epoch larger than the split: the epoch is the whole split (44 samples, world 2,
+    batch 4: 5 batches per rank), never more batches than there are samples."""
+    kw = dict(seed=0, epoch=0, world_size=2, batch_size=4, num_workers=1, physical=0)
+    for cap in (None, 44, 1000):
+        p = plan.worker_plan(SHARDS, rank=1, cap=cap, **kw)
+        assert p.n_batches == 5 and sum(sp.count for sp in p.spans) == 20
+    assert plan.worker_plan(SHARDS, rank=1, cap=16, **kw).n_batches == 2

@@ -88,3 +88,37 @@ def test_every_shipped_run_file_loads(path):
     cfg = load_config([path])
     assert cfg.data.source_path()  # names its data
     assert to_dict(load_config([path])) == to_dict(cfg)
+
+
+def test_set_parses_null_empty_bools_and_lists():
+    """--set values are YAML: null clears an optional setting, an empty value is the empty string,
+    true/false are booleans (and not integers: model.depth=true is refused), a list is a list."""
+    cfg = load_config(overrides=["moe.mlp.expert_dim=16"])
+    assert cfg.moe.mlp.expert_dim == 16
+    cfg = load_config(overrides=["moe.mlp.expert_dim=16", "moe.mlp.expert_dim=null", "model.pretrained=",
+                                 "moe.router_noise=false", "tasks.names=[normal]"])
+    assert cfg.moe.mlp.expert_dim is None and cfg.model.pretrained == ""
+    assert cfg.moe.router_noise is False and cfg.tasks.names == ["normal"]
+    with pytest.raises(ConfigError, match="model.depth: must be an integer, got True"):
+        load_config(overrides=["model.depth=true"])
+
+
+def test_preset_comes_from_the_last_file_that_names_one(tmp_path):
+    first, second, plain = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "c.yaml"
+    first.write_text("preset: small\n")
+    second.write_text("preset: base\n")
+    plain.write_text("seed: 3\n")
+    assert load_config([first, second, plain]).preset == "base"
+    assert load_config([second, first]).preset == "small"
+    assert load_config([second], ["preset=small"]).preset == "small"
+
+
+def test_boundary_values_that_are_allowed():
+    """All experts chosen (top_k == num_experts) and an all-dense model (first_block == depth) are
+    valid settings; one more is refused. A task listed twice is refused."""
+    cfg = load_config(overrides=["moe.mlp.top_k=8", "moe.first_block=4"])
+    assert (cfg.moe.mlp.top_k, cfg.moe.mlp.num_experts, cfg.moe.first_block, cfg.model.depth) == (8, 8, 4, 4)
+    with pytest.raises(ConfigError, match="moe.first_block: \\(5\\) must be <= model.depth \\(4\\)"):
+        load_config(overrides=["moe.first_block=5"])
+    with pytest.raises(ConfigError, match="tasks.names: lists a task twice"):
+        load_config(overrides=["tasks.names=[normal, normal]"])

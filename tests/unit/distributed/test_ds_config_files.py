@@ -63,6 +63,7 @@ def write(tmp_path, **config):
     (dict(zero_optimization={"stage": 3}), "zero_optimization.stage",
      "Native DeepSpeed MoE is not supported with ZeRO Stage 3"),
     (dict(zero_optimization={"stage": 5}), "zero_optimization.stage", "must be 0, 1 or 2"),
+    (dict(zero_optimization={"stage": True}), "zero_optimization.stage", "must be 0, 1 or 2, got True"),  # == 1
     (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps", "integer >= 1"),
     (dict(gradient_clipping=-1), "gradient_clipping", ">= 0"),
     (dict(fp16={"enabled": True}), "fp16.enabled", "fp16 is not supported"),
@@ -103,3 +104,8 @@ def test_missing_file_and_bad_json(tmp_path):
     bad.write_text("{,}")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_ds_config(bad)
+
+
+def test_precision_override_keeps_the_files_other_bf16_settings(tmp_path):
+    path = write(tmp_path, zero_optimization={"stage": 1}, bf16={"enabled": False, "immediate_grad_update": True})
+    assert load_ds_config(path, precision="bf16")["bf16"] == {"enabled": True, "immediate_grad_update": True}

@@ -52,6 +52,9 @@ def test_world_of_one_with_rank_only_gets_loopback():
     ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "rank 2 is outside 0..1"),
     ({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "RANK='x' is not an integer"),
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "70000"}, "not a TCP port"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "65536"}, "MASTER_PORT 65536 is not a TCP port"),
+    ({"OMPI_COMM_WORLD_RANK": "4", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0"},
+     "mpiexec: rank 4 is outside 0..3"),
 ])
 def test_impossible_values(env, message):
     with pytest.raises(LaunchError, match=message):
@@ -139,3 +142,19 @@ def test_export_writes_the_five_variables():
     export(LaunchEnv(1, 2, 1, "h", 5555, "slurm"), environ)
     assert environ == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h",
                        "MASTER_PORT": "5555"}
+
+
+def test_older_slurm_step_variable_counts_as_a_step():
+    """Slurm before 20.11 names the step SLURM_STEPID: still an srun task, not a single process."""
+    env = {k: v for k, v in SRUN.items() if k != "SLURM_STEP_ID"}
+    assert detect(dict(env, SLURM_STEPID="0")) == LaunchEnv(5, 8, 1, "gpu07", 12000 + 123456 % 20000, "slurm")
+
+
+def test_pmix_task_and_launcher_names():
+    """PMIx-only launchers (prrte, srun --mpi=pmix) give PMIX_*; LOCAL_SIZE alone (without
+    deepspeed's CROSS_RANK) does not make a launch a deepspeed one."""
+    launch = detect({"PMIX_RANK": "3", "PMIX_SIZE": "4", "PMIX_LOCAL_RANK": "1", "MASTER_ADDR": "n1",
+                     "MASTER_PORT": "2222"})
+    assert launch == LaunchEnv(3, 4, 1, "n1", 2222, "mpi")
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1"}
+    assert detect(env, port_picker=fixed_port).launcher == "env"

@@ -50,3 +50,20 @@ def test_without_a_launcher_nothing_is_watched_and_a_reused_pid_does_not_count()
     assert launchers_above() == []  # pytest's parents: a shell, make, CI; never watched
     started = int(Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
     assert is_running(os.getpid(), started) and not is_running(os.getpid(), started + 1)
+
+
+def test_a_gone_launcher_is_reported_once():
+    """The watch asks for the stop once and ends its thread: the trainer's stop request is not
+    repeated every interval (nor the message printed again) while the checkpoint is written."""
+    from modsquad_ds.distributed.launcher_watch import LauncherWatch, _stat
+
+    child = subprocess.Popen(["sleep", "30"])
+    started = _stat(child.pid)[1]
+    child.kill()
+    child.wait()  # reaped: its pid is gone
+    calls = []
+    watch = LauncherWatch(on_gone=lambda: calls.append(time.monotonic()), interval_s=0.02,
+                          launchers=[(child.pid, started)]).start()
+    time.sleep(0.4)
+    assert len(calls) == 1 and not watch._thread.is_alive()
+    watch.stop()

@@ -43,3 +43,12 @@ def test_from_config_refuses_ep_without_mlp_experts():
     cfg = load_config(overrides=["train.ep_size=2", "moe.mlp.enabled=false"])
     with pytest.raises(ConfigError, match="train.ep_size: \\(2\\) must be 1 when moe.mlp.enabled is false"):
         ParallelDims.from_config(cfg, world_size=2)
+
+
+def test_from_config_takes_micro_batch_and_accumulation_from_the_ds_config_given():
+    """A run's ds_config may set them itself; without an MoE MLP there is one "expert" per layer."""
+    cfg = load_config(overrides=["data.batch_size=3", "moe.mlp.enabled=false", "moe.mlp.num_experts=8"])
+    dims = ParallelDims.from_config(cfg, world_size=4, ds_config={"train_micro_batch_size_per_gpu": 5,
+                                                                  "gradient_accumulation_steps": 2})
+    assert (dims.micro_batch, dims.grad_accum, dims.global_batch) == (5, 2, 40)
+    assert (dims.num_experts, dims.local_experts, dims.expert_dp_size) == (1, 1, 4)

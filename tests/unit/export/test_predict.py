@@ -130,6 +130,8 @@ def test_predict_writes_release_files_of_the_models_prediction(exported, tmp_pat
         scores = json.loads((tmp_path / "class_scene" / f"{path.stem}.json").read_text())
         assert scores["classes"] == list(range(100, 163)) and abs(sum(scores["probs"]) - 1) < 1e-5
         assert scores["top5"][0]["prob"] == max(scores["probs"])
+        best = sorted(range(63), key=lambda i: -scores["probs"][i])[:5]
+        assert scores["top5"] == [{"class": 100 + i, "prob": scores["probs"][i]} for i in best]
 
 
 def test_predict_with_a_whole_model_equals_the_task_model_files(exported, tmp_path):
@@ -204,3 +206,22 @@ def test_predict_names_a_file_that_is_not_an_export(exported, tmp_path, capsys):
     assert predict_main(["--model", str(tmp_path / "metrics.jsonl"), "--images", str(images), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "metrics.jsonl: not an exported model" in err
+
+
+def test_image_folders_give_images_of_any_suffix_case_and_tasks_select_models(exported, tmp_path):
+    """Cameras write IMG_0001.JPG: upper-case suffixes count; other files in the folder do not.
+    --tasks from a folder of task models predicts those tasks only."""
+    from modsquad_ds.predict import image_files
+
+    out, images, _ = exported
+    folder = tmp_path / "camera"
+    folder.mkdir()
+    shutil.copy(images / "img0.png", folder / "IMG_0001.PNG")
+    shutil.copy(images / "img1.png", folder / "b.png")
+    (folder / "notes.txt").write_text("not an image")
+    assert image_files([folder]) == [folder / "IMG_0001.PNG", folder / "b.png"]
+    assert predict_main(["--model", str(out), "--images", str(folder), "--out", str(tmp_path / "pred"),
+                         "--tasks", "normal", "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["normal"]
+    assert sorted(p.name for p in (tmp_path / "pred" / "normal").iterdir()) == [
+        "IMG_0001.png", "IMG_0001_color.png", "b.png", "b_color.png"]

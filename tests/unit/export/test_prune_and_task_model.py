@@ -185,3 +185,30 @@ def test_calibration_on_a_split_the_shards_lack_names_the_splits_there(tmp_path:
     (tmp_path / "test.index.json").write_text("{}")
     with pytest.raises(CheckpointError, match=r"no val.index.json for --split val \(splits there: test, train\)"):
         calibration_usage(None, load_config(preset="tiny"), str(tmp_path), "val", None)
+
+
+def test_report_table_by_hand():
+    """One row: 2.5 M of a 10 M full model (25 %) and of a 5 M dense ViT (50 %), FLOPs in G per image."""
+    from modsquad_ds.export.report import markdown_table
+
+    row = {"task": "normal", "params": 2_500_000, "full_params": 10_000_000, "dense_params": 5_000_000,
+           "params_vs_full": 0.25, "macs": 1_500_000_000, "full_macs": 3_000_000_000, "dense_macs": 2_000_000_000,
+           "kept": 6, "experts": 16}
+    lines = markdown_table([row]).splitlines()
+    assert lines[2] == "| normal | 2.500 | 25.0% | 50.0% | 1.5000 | 3.0000 | 2.0000 | 6/16 |"
+    assert lines[4].startswith("full model: 10.000 M parameters (all tasks); dense multi-task ViT: 5.000 M.")
+
+
+def test_task_costs_are_per_image_whatever_the_batch(trained):
+    """The report's FLOPs are per image: a batch of 4 gives what one image gives; parameters are the
+    models' own counts, and the full model's share is their ratio."""
+    from modsquad_ds.export.report import task_costs
+    from modsquad_ds.model.flops import count_params, forward_macs
+
+    cfg, model, images, _, tables = trained
+    task_model = _task_model(cfg, model, "depth_zbuffer", prune_plan(tables, 1, threshold=0.0))
+    row = task_costs(task_model, model, model, "depth_zbuffer", images)
+    assert row["macs"] == forward_macs(task_model, images[:1]) and row["full_macs"] == row["dense_macs"]
+    assert row["full_macs"] == forward_macs(model, images[:1], ["depth_zbuffer"])
+    assert row["params"] == count_params(task_model) < row["full_params"] == count_params(model)
+    assert row["params_vs_full"] == row["params"] / row["full_params"]

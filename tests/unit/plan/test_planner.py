@@ -91,3 +91,22 @@ def test_bad_input_one_line(argv, message, capsys):
         print(exit_.code)
     captured = capsys.readouterr()
     assert code != 0 and message in captured.err + captured.out
+
+
+def test_partitions_round_up_when_ranks_do_not_divide_the_parameters():
+    """ZeRO pads every partition to the same size: 1001 dense weights over 4 ranks is 251 per rank,
+    8 local experts' 16 weights (ep 2) over their 2-rank group is 4: 255 fp32 elements per rank."""
+    s = state_bytes(ParamCounts(dense=1001, mlp_experts=16), world=4, ep_size=2, zero=1, dtype="fp32")
+    assert (s.master, s.adam, s.step_grads) == (4 * 255, 8 * 255, 4 * 255)
+    assert s.weights == s.grads == 4 * (1001 + 8)
+
+
+def test_pick_takes_fewer_micro_steps_over_less_all_to_all():
+    from modsquad_ds.plan.__main__ import Row
+
+    def row(ep, accumulation, alltoall_s, fits=True):
+        return Row(ep, {}, 0.0, 1, accumulation, 0.0, 0.0, alltoall_s, fits)
+
+    rows = [row(1, 4, 0.0), row(2, 2, 0.5), row(4, 2, 0.2), row(8, 1, 0.9, fits=False)]
+    assert pick(rows)[0].ep_size == 4  # fewest micro steps that fit (2), then less all-to-all time
+    assert pick([row(2, 1, 0.1), row(4, 1, 0.1)])[0].ep_size == 2  # a tie: the smaller ep_size

@@ -160,3 +160,30 @@ def test_data_wait_counts_time_in_the_loader_not_in_the_step():
     for _ in wait.timed(range(3)):
         time.sleep(0.2)  # the step's own time is not waiting
     assert wait.take() < 3 * 0.2
+
+
+def test_stop_requests_from_real_signals_and_an_ignored_ctrl_c_stays_ignored():
+    """SIGUSR1 asks for a checkpoint only; SIGTERM and Ctrl-C ask for a checkpoint and a stop (the
+    trainer saves before it stops); a process started with Ctrl-C ignored keeps ignoring it; uninstall
+    puts every earlier handler back."""
+    from modsquad_ds.train.signals import StopRequests
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as nohup / a background job starts us
+    try:
+        requests = StopRequests().install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert (requests.save, requests.stop) == (True, False)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert (requests.save, requests.stop) == (True, True)
+        requests.uninstall()
+        assert {s: signal.getsignal(s) for s in before} == before
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C not ignored: it stops and saves
+        ctrl_c = StopRequests().install()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert (ctrl_c.save, ctrl_c.stop) == (True, True)
+        ctrl_c.uninstall()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous_int)

@@ -105,3 +105,32 @@ def test_the_study_starts_a_run_over_when_its_budget_or_settings_changed(tmp_pat
     assert not _settings_changed(saved, load_config(preset="tiny", overrides=["train.steps=20", "train.resume=false"]))
     assert _settings_changed(saved, load_config(preset="tiny", overrides=["train.steps=30"]))
     assert _settings_changed(saved, load_config(preset="tiny", overrides=["train.steps=20", "train.lr=1e-3"]))
+
+
+def test_a_run_that_logged_but_never_saved_is_set_aside_too(tmp_path):
+    """A run stopped before its first checkpoint left metrics.jsonl only (an empty checkpoints
+    folder): its log must not be appended to by the new run."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    aside = set_aside_earlier_run(run)
+    assert aside is not None and sorted(p.name for p in aside.iterdir()) == ["checkpoints", "metrics.jsonl"]
+
+
+def test_start_overs_within_one_second_get_distinct_folders(tmp_path):
+    """replaced-{stamp} and replaced-{stamp}-1 already taken (two earlier start-overs this second, for
+    this second and the next): the third gets -2 instead of failing or merging into one of them."""
+    import time
+
+    run = tmp_path / "run"
+    run.mkdir()
+    now = time.time()
+    for t in (now, now + 1):
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(t))
+        for name in (f"replaced-{stamp}", f"replaced-{stamp}-1"):
+            (run / name).mkdir(exist_ok=True)
+            (run / name / "metrics.jsonl").write_text("earlier")
+    (run / "metrics.jsonl").write_text("this one")
+    aside = set_aside_earlier_run(run)
+    assert aside.name.endswith("-2") and (aside / "metrics.jsonl").read_text() == "this one"
+    assert all((p / "metrics.jsonl").read_text() == "earlier" for p in run.iterdir() if p != aside)

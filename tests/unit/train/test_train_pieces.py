@@ -121,3 +121,93 @@ def test_preflight_of_a_raw_release_refuses_what_would_fail_later(raw_release, t
                                                  f"data.split_csv={csv}", "data.batch_size=2",
                                                  f"train.out_dir={tmp_path / 'run'}"])
     check_run(fine, world_size=2)  # 4 samples: one batch of 2 per rank
+
+
+def _complete(root, step, payload=b"weights"):
+    """A complete checkpoint folder as save() leaves it: a file and its manifest."""
+    from modsquad_ds.train import manifest
+
+    folder = root / checkpoint.tag_for(step)
+    folder.mkdir(parents=True)
+    (folder / "mp_rank_00_model_states.pt").write_bytes(payload * (step + 1))
+    manifest.write(folder, manifest.build(folder))
+    return folder
+
+
+def test_find_checkpoint_trusts_latest_only_when_it_names_a_complete_folder(tmp_path):
+    """``latest`` may name a folder that was pruned or never finished: the newest complete one is
+    chosen instead; an explicit step, step 0 included, names its folder or is refused listing the
+    complete steps."""
+    root = tmp_path / "checkpoints"
+    for step in (0, 5, 2):
+        _complete(root, step)
+    (root / ".partial-step_00000007").mkdir()
+    (root / "latest").write_text("step_00000002\n")
+    assert checkpoint.find_checkpoint(tmp_path) == root / "step_00000002"
+    for gone in ("step_00000009", ".partial-step_00000007"):
+        (root / "latest").write_text(gone)
+        assert checkpoint.find_checkpoint(tmp_path) == root / "step_00000005"
+    assert checkpoint.find_checkpoint(tmp_path, step=0) == root / "step_00000000"
+    with pytest.raises(checkpoint.CheckpointError, match=r"no complete checkpoint for step 7 \(complete steps: 0, 2, 5\)"):
+        checkpoint.find_checkpoint(tmp_path, step=7)
+
+
+def test_newest_intact_sets_damaged_newer_folders_aside_and_repoints_latest(tmp_path):
+    """Steps 2, 4, 6, 8 with 6 and 8 damaged: resume picks 4 (not the oldest intact, 2), renames 6 and
+    8 to damaged-*, reports each once, and ``latest`` names 4 afterwards."""
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8):
+        _complete(root, step)
+    (root / "latest").write_text("step_00000008")
+    (root / "step_00000006" / "mp_rank_00_model_states.pt").write_bytes(b"cut")
+    (root / "step_00000008" / "mp_rank_00_model_states.pt").unlink()
+    skipped = []
+    assert checkpoint.newest_intact(root, skipped.append) == root / "step_00000004"
+    assert sorted(p.name for p in root.iterdir()) == ["damaged-step_00000006", "damaged-step_00000008", "latest",
+                                                       "step_00000002", "step_00000004"]
+    assert (root / "latest").read_text() == "step_00000004"
+    assert [line.split(" (")[0] for line in skipped] == ["skipped checkpoint step_00000008",
+                                                         "skipped checkpoint step_00000006"]
+    assert "is missing" in skipped[0] and "has 3 bytes" in skipped[1]
+    assert checkpoint.newest_intact(root, skipped.append) == root / "step_00000004" and len(skipped) == 2
+
+
+def test_newest_intact_with_every_folder_damaged_names_the_newest_problem(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert checkpoint.newest_intact(root) is None  # nothing saved yet: a fresh start
+    for step in (1, 3):
+        (_complete(root, step) / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(checkpoint.CheckpointDamaged, match=r"step_00000003/mp_rank_00_model_states\.pt has 0 bytes"):
+        checkpoint.newest_intact(root)
+    assert [p.name for p in checkpoint.complete_checkpoints(root)] == ["step_00000001", "step_00000003"]  # untouched
+
+
+def test_schedule_with_warmup_as_long_as_the_run_and_as_a_lambda_multiplier():
+    """warmup == total (a short fine-tune): no division by an empty cosine span, the rate stays at
+    base_lr afterwards; lr_lambda is the rate divided by base_lr (LambdaLR multiplies it back)."""
+    assert [warmup_cosine(s, total=4, warmup=4, base_lr=2.0, min_lr=0.2) for s in range(6)] == \
+        [0.5, 1.0, 1.5, 2.0, 2.0, pytest.approx(0.2)]
+    from modsquad_ds.train.schedule import lr_lambda
+
+    mult = lr_lambda(total=10, warmup=2, base_lr=0.5, min_lr=0.05)
+    assert [mult(0), mult(1)] == [0.5, 1.0] and mult(10) == pytest.approx(0.1) and mult(6) == pytest.approx(0.55)
+
+
+def test_usage_of_a_task_without_tokens_is_zero_and_checkpointed_tables_restore(tmp_path):
+    """A task that routed no token this run (0 tokens) gets frequency 0, not NaN. state_dict ->
+    load_state_dict gives the same global tables; zeroed=True (every rank but one on resume) keeps the
+    layers, kind and top_k with zero counts, so the next sum over ranks counts the saved sums once."""
+    acc = UsageAccumulator(["a", "b"])
+    counts = torch.tensor([[2.0, 0.0, 4.0], [0.0, 0.0, 0.0]])
+    acc.add([RoutingStats("blocks.1.mlp", "mlp", counts, counts, torch.tensor([3.0, 0.0]), 2)])
+    write_usage(tmp_path / "usage.json", ["a", "b"], acc.global_tables())
+    layer = json.loads((tmp_path / "usage.json").read_text())["layers"][0]
+    assert layer["frequency"] == [[2 / 3, 0.0, 4 / 3], [0.0, 0.0, 0.0]]
+    restored, zeroed = UsageAccumulator(["a", "b"]), UsageAccumulator(["a", "b"])
+    restored.load_state_dict(acc.state_dict())
+    zeroed.load_state_dict(acc.state_dict(), zeroed=True)
+    (name, saved), = acc.global_tables().items()
+    got, nothing = restored.global_tables()[name], zeroed.global_tables()[name]
+    assert torch.equal(got["counts"], saved["counts"]) and torch.equal(got["tokens"], saved["tokens"])
+    assert (nothing["kind"], nothing["top_k"]) == ("mlp", 2)
+    assert not nothing["counts"].any() and not nothing["tokens"].any() and nothing["counts"].shape == (2, 3)

@@ -21,9 +21,9 @@ torch.set_num_threads(1)
 
 def main() -> None:
     out = Path(sys.argv[1])
-    from modsquad_ds.distributed.bootstrap import init_distributed
+    from modsquad_ds.distributed.bootstrap import init_distributed, shutdown
 
-    init_distributed(timeout_s=120, heartbeat_timeout_s=0)
+    ctx = init_distributed(timeout_s=120, heartbeat_timeout_s=0)
     import deepspeed.utils.logging as ds_logging
 
     from modsquad_ds.config import load_config
@@ -54,6 +54,7 @@ def main() -> None:
     position, extra = checkpoint.load_latest(engine, root, layout)
     rec["position"], rec["extra"], rec["rand_after_load"] = vars(position), extra, torch.rand(2).tolist()
     (out / "rank0.json").write_text(json.dumps(rec))
+    shutdown(ctx)
 
 
 if __name__ == "__main__":

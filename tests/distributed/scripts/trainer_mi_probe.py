@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 
 def main() -> None:
     out = Path(sys.argv[1])
-    from modsquad_ds.distributed.bootstrap import init_distributed
+    from modsquad_ds.distributed.bootstrap import init_distributed, shutdown
 
     ctx = init_distributed(timeout_s=120, heartbeat_timeout_s=0)
     import deepspeed.utils.logging as ds_logging
@@ -51,8 +51,7 @@ def main() -> None:
         record["global"][r.layer] = float(mutual_information(summed))
         record["local"][r.layer] = float(mutual_information(local))
     (out / f"rank{ctx.rank}.json").write_text(json.dumps(record))
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown(ctx)  # the trainer's own clean end (barriers around the teardown)
 
 
 if __name__ == "__main__":

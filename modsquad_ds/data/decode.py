@@ -11,6 +11,7 @@ Two steps, both at the stored resolution and before any resize:
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 from PIL import Image
@@ -105,14 +106,42 @@ def decode_png_torchvision(data: bytes) -> np.ndarray:
     return decode_png(data)  # e.g. 16-bit RGB, which the release does not use
 
 
+# The header's three keys, as numpy writes them (a Python dict literal, any key order).
+_NPY_KEYS = {"descr": re.compile(r"'descr': *'([<>|=][a-z]\d+)'"),
+             "fortran_order": re.compile(r"'fortran_order': *(True|False)"),
+             "shape": re.compile(r"'shape': *\(((?:\d+, *)*\d*)\)")}
+
+
 def decode_npy(data: bytes) -> np.ndarray:
-    """NPY bytes -> array; ``allow_pickle=False`` so an object array is refused, never unpickled."""
-    if not data.startswith(_NPY_MAGIC):
+    """NPY bytes -> array, for plain numeric arrays only: an object (pickled) or structured dtype is
+    refused, never unpickled. The header is read here, not by ``np.load``: numpy evaluates it with
+    ``ast.literal_eval``, which in forked loader workers under CPython 3.11 has raised ``SystemError:
+    AST constructor recursion depth mismatch`` on valid files (counted as corrupt samples)."""
+    if not data.startswith(_NPY_MAGIC) or len(data) < 10:
         raise DecodeError("not an NPY file (bad magic)")
+    major = data[6]
+    width = 2 if major == 1 else 4  # header length field: 2 bytes in format 1.0, 4 in 2.0 and 3.0
+    if major not in (1, 2, 3):
+        raise DecodeError(f"undecodable NPY: format version {major} unknown")
+    start = 8 + width
+    length = int.from_bytes(data[8:start], "little")
+    header = data[start:start + length].decode("utf8" if major == 3 else "latin1", errors="replace")
+    found = {key: pattern.search(header) for key, pattern in _NPY_KEYS.items()}
+    if not header.strip().startswith("{") or not all(found.values()):
+        raise DecodeError(f"undecodable NPY: not a plain numeric array header: {header.strip()[:80]!r}")
+    descr, fortran, dims = (found[key].group(1) for key in ("descr", "fortran_order", "shape"))
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as err:
-        raise DecodeError(f"undecodable NPY: {type(err).__name__}: {err}") from None
+        dtype = np.dtype(descr)
+    except TypeError as err:
+        raise DecodeError(f"undecodable NPY: dtype {descr!r}: {err}") from None
+    if dtype.hasobject or dtype.kind not in "biufc":
+        raise DecodeError(f"undecodable NPY: dtype {descr!r} is not numeric")
+    shape = tuple(int(d) for d in dims.replace(" ", "").split(",") if d)
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(data) - start - length != count * dtype.itemsize:
+        raise DecodeError(f"undecodable NPY: {len(data) - start - length} data bytes for shape {shape} of {descr}")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=start + length)
+    return array.reshape(shape, order="F" if fortran == "True" else "C").copy(order="K")  # writable, own memory
 
 
 DECODERS = {"png": decode_png, "npy": decode_npy}

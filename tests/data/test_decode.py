@@ -91,6 +91,41 @@ def test_class_scene_distribution_is_kept_as_probabilities():
     assert probs[2] == pytest.approx(2 / 3) and probs[5] == pytest.approx(1 / 3)
 
 
+@pytest.mark.parametrize("array", [
+    np.full(365, 1 / 365, np.float32),                                # class_scene / class_object
+    np.arange(12, dtype=np.int64).reshape(3, 4),
+    np.asfortranarray(np.arange(24, dtype=np.float64).reshape(2, 3, 4)),  # fortran_order True
+    np.array(7, np.uint8),                                            # 0-d
+    np.array([1.5, -2.0], ">f4"),                                     # big-endian
+    np.array([True, False]), np.zeros((0, 3), np.float16), np.array([1 + 2j], np.complex64)])
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+def test_npy_header_read_here_gives_what_np_load_gives(array, version):
+    """decode_npy parses the header itself (numpy's np.load runs ast.literal_eval on it, which raised
+    SystemError in forked workers under CPython 3.11 and counted valid samples as corrupt): the same
+    array, dtype, shape and memory order as np.load, for every header format version."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, array, version=version)
+    expected, got = np.load(io.BytesIO(buf.getvalue())), decode.decode_npy(buf.getvalue())
+    assert got.dtype == expected.dtype and got.shape == expected.shape and np.array_equal(got, expected)
+    assert got.flags.f_contiguous == expected.flags.f_contiguous and got.flags.writeable
+
+
+def test_npy_that_is_not_a_plain_numeric_array_is_one_clear_error():
+    buf = io.BytesIO()
+    np.save(buf, np.arange(6, dtype=np.float32))
+    good = buf.getvalue()
+    cases = {"truncated": good[:-3], "bad magic": b"\x93NUMPX" + good[6:],
+             "unknown version": good[:6] + b"\x09" + good[7:],
+             "shape lies": good.replace(b"(6,)", b"(7,)"),
+             "not numeric": good.replace(b"'<f4'", b"'<U1'")}
+    structured = io.BytesIO()
+    np.save(structured, np.zeros(2, dtype=[("a", "<f4"), ("b", "<i4")]))
+    cases["structured"] = structured.getvalue()
+    for name, data in cases.items():
+        with pytest.raises(decode.DecodeError, match="NPY"):
+            decode.decode_npy(data)
+
+
 def test_npy_with_pickled_object_is_refused_not_executed(tmp_path):
     marker = tmp_path / "executed"
 

@@ -29,7 +29,7 @@ from modsquad_ds.data.sample import SampleProcessor
 from modsquad_ds.data.shard_index import index_path, load_index
 from modsquad_ds.data.subset import subset_positions, subset_shards
 from modsquad_ds.data.wds_pipeline import ShardStream
-from modsquad_ds.data.worker_signals import starting_workers, worker_init
+from modsquad_ds.data.worker_signals import kill_workers, starting_workers, worker_init
 
 log = logging.getLogger("modsquad_ds.data")
 
@@ -62,10 +62,14 @@ class EpochLoader:
 
     def __iter__(self):
         batches, self._started = self.start()._started, None
-        for batch in batches:
-            for shard, key, reason, detail in batch.pop("_corrupt", ()):
-                self.counter.add(shard, key, reason, detail)
-            yield batch
+        try:
+            for batch in batches:
+                for shard, key, reason, detail in batch.pop("_corrupt", ()):
+                    self.counter.add(shard, key, reason, detail)
+                yield batch
+        except Exception:
+            kill_workers(batches)  # the epoch is lost: do not wait for workers that ignore SIGTERM
+            raise
         if self.counter.total:
             log.warning("corrupt samples skipped this epoch: %s", self.counter.report())
 

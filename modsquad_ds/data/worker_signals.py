@@ -89,6 +89,29 @@ def starting_workers() -> Iterator[None]:
         _workers.update(p for p in multiprocessing.active_children() if p not in before)
 
 
+def kill_workers(batches) -> None:
+    """Kill the workers of a DataLoader iterator whose epoch ends in an error (a corrupt-sample limit,
+    a worker's exception). torch's shutdown asks them to stop and, when they do not answer within
+    5 s each, ends them with the SIGTERM they ignore: the rank waited ~20 s and they lived on.
+
+    The iterator's SIGCHLD watch goes first, as in torch's own shutdown: it would otherwise report
+    the kill as a worker crash instead of the error that ended the epoch. These are torch internals
+    (``_workers``, ``_worker_pids_set``); where a version lacks them, nothing is killed.
+    """
+    from torch.utils.data._utils import signal_handling
+
+    workers = [w for w in getattr(batches, "_workers", ()) if w.is_alive()]
+    if not workers or not hasattr(signal_handling, "_remove_worker_pids"):
+        return
+    if getattr(batches, "_worker_pids_set", False):
+        signal_handling._remove_worker_pids(id(batches))
+        batches._worker_pids_set = False
+    for w in workers:
+        w.kill()
+    for w in workers:
+        w.join(timeout=5)
+
+
 def _end_workers() -> None:
     """At interpreter exit, kill the workers still alive: they ignore the SIGTERM that
     multiprocessing's own exit hook would end them with before joining them. atexit runs hooks

@@ -2,6 +2,7 @@
 DataLoader worker processes."""
 
 import io
+import multiprocessing
 import pickle
 import tarfile
 
@@ -192,8 +193,12 @@ def test_corrupt_limit_stops_with_the_shard_named(all_shards, tmp_path):
     rewrite_tar(out / "train-000003.tar",
                 lambda n, d: [(n, b"\x89PNG\r\n\x1a\n broken" if n.endswith(".rgb.png") else d)])
     rewrite_index(out)
+    before = set(multiprocessing.active_children())
     with pytest.raises(CorruptDataError, match=r"train-000003\.tar"):
         collect(build_train_loader(cfg_for(out, batch_size=2, workers=2, max_corrupt=3), 0, 1, epoch=0))
+    # The epoch's workers are gone with the error: they ignore SIGTERM, torch's last resort, and had
+    # lived on (the rank waited ~20 s for them when the iterator was released).
+    assert [p for p in multiprocessing.active_children() if p not in before] == []
 
 
 def test_corrupt_limit_allows_exactly_max_corrupt_samples():

@@ -17,11 +17,12 @@ import time
 CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
-from modsquad_ds.distributed.bootstrap import init_distributed, shutdown
+from modsquad_ds.distributed.bootstrap import end_process, init_distributed, shutdown
 ctx = init_distributed(heartbeat_timeout_s=0)
 print(json.dumps({"init_seconds": ctx.init_seconds, "shm_op_skipped": ctx.shm_op_skipped,
                   "since_start": time.perf_counter() - t0}))
 shutdown(ctx)
+end_process(0)
 """
 
 

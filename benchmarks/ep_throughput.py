@@ -188,7 +188,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         _worker(args.worker)
-        return
+        from modsquad_ds.distributed.bootstrap import end_process
+
+        end_process(0)  # gloo threads vs interpreter teardown (see end_process)
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     r = _run_ranks()
     print("\n== Part 1: training step on 2 CPU ranks (gloo, 1 thread each, ZeRO 0 fp32), "

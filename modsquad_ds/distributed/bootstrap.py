@@ -8,6 +8,8 @@ Order for a trainer (see docs/launchers.md):
     seed_everything(cfg.seed)
     ... deepspeed.initialize(...); train inside `with fail_fast(ctx.rank, ctx.world_size):` ...
     shutdown(ctx)
+    ...
+    end_process(code)                                         # in `if __name__ == "__main__":`
 
 :func:`setup` does the first four for a RunConfig.
 """
@@ -15,14 +17,16 @@ Order for a trainer (see docs/launchers.md):
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import random
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -179,6 +183,31 @@ def shutdown(ctx: Optional[DistContext]) -> None:
         dist.barrier()
     dist.destroy_process_group()
 
+
+
+def end_process(code: int) -> NoReturn:
+    """End a process that ran a process group: everything a normal exit does but tear the interpreter
+    down, which can abort a clean run.
+
+    Gloo's worker threads drop a finished collective's tensors a moment after the collective has
+    returned, and that needs the GIL. When the moment falls in the interpreter's teardown, Python ends
+    the thread there, inside a C++ destructor, and the process aborts: "terminate called without an
+    active exception", exit -6 after a run that did everything right (1 in 10 two-rank runs of
+    tests/distributed/scripts/trainer_mi_probe.py on a loaded machine; a gdb backtrace showed
+    ``pt_gloo_runloop`` in ``~AsyncAllreduceWork`` -> ``take_gil`` -> ``pthread_exit`` while the main
+    thread was in ``Py_FinalizeEx``). destroy_process_group does not stop those threads while
+    DeepSpeed still holds the groups. So: join our threads and run the exit hooks (loader workers,
+    logging, multiprocessing) as a normal exit does, flush, then ``os._exit``."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()  # what a normal exit waits for first
+    atexit._run_exitfuncs()  # then the hooks, in their usual (last registered, first run) order
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or gone (a pipe whose reader left)
+            pass
+    os._exit(code)
 
 def seed_everything(seed: int, rank: int = 0, per_rank: bool = False) -> int:
     """Seed Python, NumPy and torch. The same seed on every rank by default (identical initial

@@ -134,4 +134,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from modsquad_ds.distributed.bootstrap import end_process
+
+    end_process(main())  # not sys.exit: see end_process (gloo threads vs interpreter teardown)

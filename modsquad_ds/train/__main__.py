@@ -29,6 +29,7 @@ import argparse
 import logging
 import signal
 import sys
+from typing import NoReturn
 
 from modsquad_ds.config import ConfigError, load_config
 from modsquad_ds.distributed.accelerator import pin_deepspeed_accelerator
@@ -176,5 +177,12 @@ def main(argv=None) -> int:
     return EXIT_STOPPED if result.stopped_by_signal else 0
 
 
+def cli() -> NoReturn:
+    """``python -m modsquad_ds.train`` and the ``modsquad-train`` command."""
+    from modsquad_ds.distributed.bootstrap import end_process
+
+    end_process(main())  # not sys.exit: see end_process (gloo threads vs interpreter teardown)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

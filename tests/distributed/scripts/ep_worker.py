@@ -342,4 +342,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from modsquad_ds.distributed.bootstrap import end_process
+
     main()
+    end_process(0)  # as the trainer ends (gloo threads vs interpreter teardown)

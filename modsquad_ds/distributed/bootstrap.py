@@ -198,10 +198,10 @@ def end_process(code: int) -> NoReturn:
     thread was in ``Py_FinalizeEx``). destroy_process_group does not stop those threads while
     DeepSpeed still holds the groups. So: join our threads and run the exit hooks (loader workers,
     logging, multiprocessing) as a normal exit does, flush, then ``os._exit``."""
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()  # what a normal exit waits for first
-    atexit._run_exitfuncs()  # then the hooks, in their usual (last registered, first run) order
+    # What the interpreter's exit does before its teardown, in its order: threading's exit hooks (which
+    # release idle thread pools) and the joins of non-daemon threads, then the atexit hooks.
+    threading._shutdown()
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -25,6 +25,9 @@ SCRIPT = textwrap.dedent("""
         time.sleep(0.3)
         (out / "thread").write_text("finished")
     threading.Thread(target=late).start()
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(1)  # an idle worker waits on its queue until threading's exit hook
+    pool.submit(print, end="")
     sys.stdout.write("no newline: still in the buffer")
     sys.stderr.write("to stderr")
     end_process(int(sys.argv[2]))

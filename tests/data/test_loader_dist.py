@@ -30,6 +30,9 @@ def _rank_main(rank, world, rdv, shards_dir, result_dir):
     with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
         f.write("\n".join([str(steps)] + keys))
     dist.destroy_process_group()
+    from modsquad_ds.distributed.bootstrap import end_process
+
+    end_process(0)  # as the trainer ends (gloo threads vs interpreter teardown)
 
 
 def test_two_ranks_finish_the_epoch_together(all_shards, tmp_path):

@@ -184,7 +184,6 @@ def shutdown(ctx: Optional[DistContext]) -> None:
     dist.destroy_process_group()
 
 
-
 def end_process(code: int) -> NoReturn:
     """End a process that ran a process group: everything a normal exit does but tear the interpreter
     down, which can abort a clean run.
@@ -208,6 +207,7 @@ def end_process(code: int) -> NoReturn:
         except (OSError, ValueError):  # closed or gone (a pipe whose reader left)
             pass
     os._exit(code)
+
 
 def seed_everything(seed: int, rank: int = 0, per_rank: bool = False) -> int:
     """Seed Python, NumPy and torch. The same seed on every rank by default (identical initial

@@ -18,12 +18,14 @@ DeepSpeed's files, whatever world size, ``ep_size`` and ZeRO stage wrote it:
   expert groups over the expert-data-parallel group (ranks with the same ``rank % ep_size``,
   ordered by ``rank // ep_size``: DeepSpeed's default groups, ``utils/groups.py``), and name the
   experts by their *local* id on the rank's expert-parallel rank ``rank % ep_size``.
-  ZeRO 0 keeps whole per-rank optimizer states (``expp_rank_*_optim_states.pt``) and no master copy.
+- ZeRO 0: each expert-parallel rank's whole optimizer state (``expp_rank_*_optim_states.pt``),
+  parameters by index; a bf16 run's holds the fp32 masters too (:mod:`modsquad_ds.export.zero0`).
 
-Precision: a bf16 run's module weights are bf16; its fp32 master weights live only in the ZeRO
-partitions. The reader takes every parameter from the partitions when they are there (and checks
-that each master rounds to the saved bf16 weight, which proves the fragments were put together
-right), and otherwise upcasts the module weights and says so in ``source`` (with a warning; pass
+Precision: a bf16 run's module weights are bf16; its fp32 master weights live only in the optimizer
+files. The reader takes every parameter from them when they are there (and checks that each master
+rounds to the saved bf16 weight, which proves the fragments were put together right); a frozen
+weight (fine-tuning) has no master and is the bf16 module weight, as the run used it. Without
+optimizer files it upcasts the module weights and says so in ``source`` (with a warning; pass
 ``require_master=True`` to refuse instead). fp32 runs: the module weights *are* the masters.
 
 DeepSpeed's ``zero_to_fp32.py`` fails on MoE folders and ``ds_to_universal`` skips native MoE
@@ -56,7 +58,7 @@ __all__ = ["CheckpointError", "CheckpointWeights", "load_checkpoint_weights", "f
            "MODEL_STATES", "SOURCE_MASTER", "SOURCE_MODULE", "SOURCE_UPCAST"]
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
-SOURCE_MASTER = "fp32 master weights from optimizer partitions"
+SOURCE_MASTER = "fp32 master weights from the optimizer files"
 SOURCE_MODULE = "module weights (fp32 run: the master weights)"
 SOURCE_UPCAST = "bf16 module weights upcast to fp32 (no fp32 master weights in the folder)"
 
@@ -229,13 +231,17 @@ def load_checkpoint_weights(run_dir: Path, step: Optional[int] = None, require_m
     source = SOURCE_MODULE
     if low_precision:
         master = _master_weights(folder, world, ep_size, num_experts[0] // ep_size if num_experts else 1)
+        if not master and zero_stage == 0:
+            from modsquad_ds.export import zero0
+
+            master = zero0.masters(folder, cfg)
         if master:
             weights, from_module = _take_master(weights, master, folder)
             source = SOURCE_MASTER + (f" ({len(from_module)} tensors not in the optimizer, e.g. frozen, "
                                       f"from the module weights)" if from_module else "")
         elif require_master:
-            raise CheckpointError(f"{folder}: a {precision} run without ZeRO 1/2 optimizer partitions "
-                                  f"(*zero_pp_rank_*_optim_states.pt): its fp32 master weights are not in the folder")
+            raise CheckpointError(f"{folder}: a {precision} run without its optimizer files "
+                                  f"(*optim_states.pt): its fp32 master weights are not in the folder")
         else:
             source = SOURCE_UPCAST
             warnings.warn(f"{folder}: {SOURCE_UPCAST}", stacklevel=2)
@@ -268,18 +274,18 @@ def _take_master(weights: dict[str, torch.Tensor], master: dict[str, torch.Tenso
                 from_module.append(name)
             continue
         if flat.numel() != saved.numel():
-            raise CheckpointError(f"{folder}: optimizer partitions hold {flat.numel()} values for {name}, "
+            raise CheckpointError(f"{folder}: the optimizer files hold {flat.numel()} values for {name}, "
                                   f"the module weight has {saved.numel()}")
         value = flat.view(saved.shape)
         # DeepSpeed copies the rounded masters into the module after every step: equality proves
         # the fragments were gathered from the right ranks, in the right order.
         if not torch.equal(value.to(saved.dtype), saved):
-            raise CheckpointError(f"{folder}: the fp32 master of {name} from the optimizer partitions does not "
-                                  f"round to its saved {saved.dtype} weight (partitions from another run or layout?)")
+            raise CheckpointError(f"{folder}: the fp32 master of {name} from the optimizer files does not "
+                                  f"round to its saved {saved.dtype} weight (optimizer files from another run or layout?)")
         out[name] = value
     unknown = sorted(set(master) - set(weights))
     if unknown:
-        raise CheckpointError(f"{folder}: optimizer partitions hold {unknown[0]!r}, which no weight file has")
+        raise CheckpointError(f"{folder}: the optimizer files hold {unknown[0]!r}, which no weight file has")
     return out, from_module
 
 

@@ -74,58 +74,22 @@ def _zero_moments(folder: Path, world: int, ep_size: int, local_experts: int) ->
     return {k: {n: torch.cat(p).float() for n, p in v.items()} for k, v in frags.items()}, step
 
 
-def _zero0_param_names(cfg, ep_rank: int) -> list[str]:
-    """Names, in the optimizer's index order, of the parameters expert-parallel rank ``ep_rank`` of a
-    ZeRO 0 run optimised (dense ones, then its local experts; the trainer's parameter groups)."""
-    from modsquad_ds.model.objective import MultiTaskObjective
-    from modsquad_ds.model.vit import ModSquadViT
-    from modsquad_ds.moe.ds_adapter import ExpertParallelMoEMlp, moe_param_groups
-    from modsquad_ds.moe.ds_adapter.convert import replace_module
-    from modsquad_ds.moe.layer import MoEMlp
-    from modsquad_ds.train.module import TrainModule
-    from modsquad_ds.train.trainer import NO_DECAY
-
-    model = ModSquadViT(cfg.model, cfg.moe, cfg.tasks.names)
-    for path, old in [(n, m) for n, m in model.named_modules() if isinstance(m, MoEMlp)]:
-        fc1 = old.experts.experts[0].fc1
-        replace_module(model, path, ExpertParallelMoEMlp(fc1.in_features, fc1.out_features, len(old.experts.experts),
-                                                         old.router.top_k, old.router.num_tasks, cfg.train.ep_size,
-                                                         router=old.router))
-    module = TrainModule(model, MultiTaskObjective(cfg), None)
-    names = {id(p): n for n, p in module.named_parameters()}
-    local = {path: layer.num_local_experts for path, layer in expert_parallel_layers(module)}
-    out = []
-    for group in moe_param_groups(module, cfg.train.weight_decay, NO_DECAY):
-        for p in group["params"]:
-            name = names[id(p)]
-            m = _LOCAL_EXPERT.search(name)
-            if m:
-                path = name[: m.start()]
-                name = _LOCAL_EXPERT.sub(lambda mm: f"{mm.group(1)}{ep_rank * local[path] + int(mm.group(2))}.",
-                                         name, count=1)
-            out.append(_full_name(name))
-    return out
-
-
 def _zero0_moments(folder: Path, cfg) -> tuple[dict, int]:
+    """Adam moments by single-process name from ZeRO 0 optimizer files (export/zero0.py)."""
+    from modsquad_ds.export import zero0
+
     moments: dict[str, dict] = {k: {} for k in MOMENTS}
     step = 0
     for ep_rank in range(cfg.train.ep_size):
-        path = folder / f"expp_rank_{ep_rank}_mp_rank_00_optim_states.pt"
-        opt = _load(path).get("optimizer")
-        if not isinstance(opt, dict) or "state" not in opt:
-            raise CheckpointError(f"{path}: no optimizer state")
-        names = _zero0_param_names(cfg, ep_rank)
-        index = [i for g in opt["param_groups"] for i in g["params"]]
-        if len(index) != len(names):
-            raise CheckpointError(f"{path}: {len(index)} optimizer parameters, the run's model has {len(names)}")
-        for i, name in zip(index, names):
-            state = opt["state"].get(i)
+        saved = zero0.read(folder, cfg, ep_rank)
+        index = [i for g in saved.torch_state["param_groups"] for i in g["params"]]
+        for i, name in zip(index, saved.names):
+            state = saved.torch_state["state"].get(i)
             if state is None:
                 continue
             step = int(state["step"])
             for key in MOMENTS:
-                moments[key][name] = state[key].float()
+                moments[key][_full_name(name)] = state[key].float()
     return moments, step
 
 
@@ -235,9 +199,14 @@ def load_into_engine(engine, folder: Path, rank: int) -> tuple[TrainPosition, di
     state = load_file(str(Path(folder) / STATE_FILE))
     global_ids = {path: layer.global_expert_ids() for path, layer in expert_parallel_layers(engine.module)}
     optimizer = engine.optimizer
-    # ZeRO 1/2 optimizer's flat fp32 partitions; DeepSpeed's BF16_Optimizer (bf16 at ZeRO 0) names them otherwise
+    # ZeRO 1/2 optimizer's flat fp32 partitions; DeepSpeed's BF16_Optimizer names them otherwise
     flat_groups = getattr(optimizer, "single_partition_of_fp32_groups", None) or \
         getattr(optimizer, "fp32_groups_flat_partition", None)
+    # bf16 at ZeRO 0 (FP16_UnfusedOptimizer): a whole fp32 master per module parameter, which the
+    # wrapped torch optimizer steps and DeepSpeed copies into the module after every step
+    masters = {id(lp): hp for lps, hps in zip(getattr(optimizer, "fp16_groups", None) or (),
+                                              getattr(optimizer, "fp32_groups", None) or ())
+               for lp, hp in zip(lps, hps)} if flat_groups is None else {}
     zero_state = {}
     for name, p in engine.module.named_parameters():
         key = name
@@ -264,9 +233,14 @@ def load_into_engine(engine, folder: Path, rank: int) -> tuple[TrainPosition, di
                     hp = mapping.hp_fragment_address
                     slot[kind].narrow(0, hp.start, hp.numel).copy_(
                         state[f"{kind}/{key}"].reshape(-1).narrow(0, lp.start, lp.numel))
-        elif f"exp_avg/{key}" in state:  # ZeRO 0: the torch optimizer holds whole parameters
-            optimizer.state[p] = {"step": torch.tensor(float(meta["adam_step"])),
-                                  **{k: state[f"{k}/{key}"].view_as(p).clone().to(p.device) for k in MOMENTS}}
+        else:  # ZeRO 0: the torch optimizer holds whole parameters (bf16: their fp32 masters)
+            target = masters.get(id(p), p)
+            if target is not p:
+                target.data.copy_(value.view_as(target))
+            if f"exp_avg/{key}" in state:  # (FP16_UnfusedOptimizer.state is its torch optimizer's)
+                optimizer.state[target] = {"step": torch.tensor(float(meta["adam_step"])),
+                                           **{k: state[f"{k}/{key}"].view_as(target).clone().to(target.device)
+                                              for k in MOMENTS}}
     if zero_state:
         for index, moments in zero_state.items():
             flat = flat_groups[index]

@@ -1,7 +1,7 @@
 """Router fine-tuning under the real training command: a source run trained on some tasks, then
 new tasks learned on its frozen backbone, on 2 ranks with experts sharded (ep_size 2), saved,
 resumed; frozen weights compared bit for bit with the source checkpoint, optimizer states read
-back from DeepSpeed's files."""
+back from DeepSpeed's files. In bf16 (the GPU default), read back, resharded and resumed elsewhere."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from _launch import BIN, mini_shards, python, run, run_ok
 from modsquad_ds.distributed.env import free_port
-from modsquad_ds.export.reader import load_checkpoint_weights
+from modsquad_ds.export.reader import SOURCE_MASTER, load_checkpoint_weights
 from modsquad_ds.finetune import is_task_specific
 
 pytestmark = pytest.mark.dist
@@ -74,6 +74,36 @@ def test_router_finetune_on_two_ranks_keeps_the_backbone_bit_identical_through_r
                 sum(end.model[k].numel() for k in trained) + sum(v.numel() for v in end.objective.values()))
     for rank in (0, 1):
         assert _optimizer_numel(end.folder, rank) == expected
+
+
+def test_bf16_router_finetune_keeps_its_fp32_masters_and_moves_to_two_ranks(source, tmp_path):
+    """zero1_bf16 runs at ZeRO 0 here, where DeepSpeed keeps the fp32 masters of what trains in its
+    FP16_UnfusedOptimizer's file (export/zero0.py); reshard (frozen weights have no optimizer
+    state) onto 2 ranks at ep_size 2 and resume there."""
+    shards, src = source
+    out, moved = tmp_path / "bf16", tmp_path / "bf16_two_ranks"
+    run_ok([python()] + _finetune(src, out, "finetune.mode=routers", "data.workers=0", "train.steps=4",
+                                  "train.stop_after=2", "train.ep_size=1", "train.ds_config=ds_configs/zero1_bf16.json"),
+           timeout_s=240)
+    base, mid = load_checkpoint_weights(src), load_checkpoint_weights(out)
+    assert mid.precision == "bf16" and mid.zero_stage == 0
+    assert mid.source == f"{SOURCE_MASTER} (110 tensors not in the optimizer, e.g. frozen, from the module weights)"
+    shared = [k for k in mid.model if not is_task_specific(k)]
+    trained = [k for k in mid.model if is_task_specific(k)]
+    # frozen: the source's fp32 weights as the bf16 module holds them; trained: bits bf16 cannot hold
+    assert all(torch.equal(mid.model[k], base.model[k].bfloat16().float()) for k in shared)
+    assert all(not torch.equal(mid.model[k], mid.model[k].bfloat16().float()) for k in trained)
+    assert mid.step == 2 and mid.usage
+
+    run_ok([python(), "-m", "modsquad_ds.reshard", "--run", str(out), "--out", str(moved), "--world-size", "2",
+            "--ep-size", "2"], timeout_s=120)
+    second = run_ok([str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
+                     "modsquad_ds.train", "--config", str(moved / "config.yaml")], timeout_s=240)
+    assert "resumed from" in second.output and "step_00000002" in second.output
+    end = load_checkpoint_weights(moved)
+    assert end.step == 4 and end.world_size == 2 and end.config.train.ep_size == 2 and end.source == mid.source
+    assert all(torch.equal(end.model[k], mid.model[k]) for k in shared)
+    assert all(not torch.equal(end.model[k], mid.model[k]) for k in trained)
 
 
 def test_full_finetune_trains_everything_at_zero_1(source, tmp_path):

@@ -96,7 +96,23 @@ def build_engine(cfg: RunConfig, ds_config: dict):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.steps, t.warmup_steps, t.lr, t.min_lr))
     engine, _, _, _ = deepspeed.initialize(args=engine_args(), model=module, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
+    _undo_warmup_step(engine.optimizer)
     return engine
+
+
+def _undo_warmup_step(optimizer) -> None:
+    """bf16 without ZeRO (every bf16 router fine-tuning): DeepSpeed 0.19.8's FP16_UnfusedOptimizer
+    creates the optimizer state by one step with zero gradients (``initialize_optimizer_states``).
+    For AdamW that step counts (each later step's bias correction is one step late, the first
+    update about 25% short) and applies weight decay to the fp32 masters once. Start as ZeRO 1/2
+    do instead: no state (AdamW creates it at the first real step) and masters equal to the module
+    weights, which that step left untouched."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return
+    optimizer.optimizer.state.clear()
+    optimizer.refresh_fp32_params()
 
 
 class DataWait:

@@ -1,5 +1,5 @@
 """The export reader on real DeepSpeed checkpoints (2 gloo ranks, the trainer's engine and save):
-ZeRO 0 fp32, ZeRO 1 bf16 and ZeRO 2 bf16, each at ep_size 2 and, after a reshard, at ep_size 1.
+ZeRO 0 fp32 and bf16, ZeRO 1 bf16 and ZeRO 2 bf16, each at ep_size 2 and, after a reshard, at ep_size 1.
 
 One launch makes all six checkpoints (tests/distributed/scripts/export_worker.py); every rank also
 dumped the fp32 weights its engine really held, which the reader must reproduce bit for bit.
@@ -27,7 +27,7 @@ from modsquad_ds.train import manifest
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(400)]
 
-CASES = ["zero0_fp32", "zero1_bf16", "zero2_bf16"]
+CASES = ["zero0_fp32", "zero0_bf16", "zero1_bf16", "zero2_bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +90,9 @@ def test_reshard_carries_the_optimizer_state_exactly(runs, case):
             assert torch.equal(value, mb[kind][name]), (kind, name)
 
 
-def test_bf16_master_weights_are_fp32_and_round_to_the_saved_weights(runs):
-    w = load_checkpoint_weights(runs / "zero2_bf16" / "ep2")
+@pytest.mark.parametrize("case", ["zero0_bf16", "zero2_bf16"])
+def test_bf16_master_weights_are_fp32_and_round_to_the_saved_weights(runs, case):
+    w = load_checkpoint_weights(runs / case / "ep2")
     folder = w.folder
     saved = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=True)["module"]
     assert saved["model.cls_token"].dtype == torch.bfloat16
@@ -106,8 +107,9 @@ def _copy(run: Path, tmp_path: Path) -> Path:
     return dst
 
 
-def test_bf16_without_partitions_upcasts_and_says_so(runs, tmp_path):
-    run = _copy(runs / "zero1_bf16" / "ep2", tmp_path)
+@pytest.mark.parametrize("case", ["zero0_bf16", "zero1_bf16"])
+def test_bf16_without_optimizer_files_upcasts_and_says_so(runs, tmp_path, case):
+    run = _copy(runs / case / "ep2", tmp_path)
     folder = load_checkpoint_weights(run).folder
     for f in folder.glob("*optim_states.pt"):
         f.unlink()

@@ -7,6 +7,9 @@ order from one run to the next (atomics in index backward, split reductions). bf
 relative (the same reordering, rounded to 8 bits). A bf16 run stays within 5% of the fp32 run's
 total loss at every logged step of 50 (the loss falls by far more than that over those steps).
 
+A router fine-tuning (new tasks on the bf16 run's frozen backbone) runs where DeepSpeed keeps bf16
+without ZeRO, the path every bf16 fine-tuning takes; the reader must find its fp32 masters.
+
 One more launch is a rank that sees one GPU under another local rank (``srun --gpus-per-task 1``
 gives local rank 3 a single device, 0): it must train there, not ask for ``cuda:3``.
 
@@ -26,11 +29,14 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))  # the launch helpers
 
 from _launch import REPO, Result, base_env, python, run  # noqa: E402
 from data_tools import make_shards  # noqa: E402
+from modsquad_ds.export.reader import SOURCE_MASTER, load_checkpoint_weights  # noqa: E402
+from modsquad_ds.finetune import is_task_specific  # noqa: E402
 from data_tools.mini_taskonomy import generate  # noqa: E402
 from modsquad_ds.distributed.env import free_port  # noqa: E402
 
@@ -97,9 +103,21 @@ def runs(shards, tmp_path_factory) -> tuple[Path, dict[str, Result]]:
                   for c in ("zero1_fp32.json", "zero1_bf16.json")})
     first["local_rank3"] = _args(shards, root / "local_rank3", "zero1_bf16.json", 2)
     results = _run_all(first, {"local_rank3": {**LOCAL_RANK_3, "MASTER_PORT": str(free_port("127.0.0.1"))}})
-    results.update({f"{c}/resumed": r for c, r in _run_all(
-        {c: _args(shards, root / c / "parts", c, 6) for c in CONFIGS if results[f"{c}/parts"].returncode == 0}).items()})
+    second = {f"{c}/resumed": _args(shards, root / c / "parts", c, 6) for c in CONFIGS
+              if results[f"{c}/parts"].returncode == 0}
+    if results["zero1_bf16.json/whole"].returncode == 0:
+        second["finetune_bf16"] = _finetune_args(root / "zero1_bf16.json" / "whole", root / "finetune_bf16")
+    results.update(_run_all(second))
     return root, results
+
+
+def _finetune_args(source: Path, out: Path) -> list[str]:
+    """Router fine-tuning of two tasks on a bf16 run (ZeRO 1 asked, ZeRO 0 run: finetune/source.py)."""
+    args = [python(), "-m", "modsquad_ds.train", "--config", str(source / "config.yaml")]
+    for item in (f"finetune.init_from={source}", "finetune.mode=routers", "tasks.names=[class_scene,normal]",
+                 "train.steps=3", f"train.out_dir={out}"):
+        args += ["--set", item]
+    return args
 
 
 def _ok(results: dict[str, Result], *names: str) -> None:
@@ -147,3 +165,16 @@ def test_bf16_tracks_fp32_over_50_steps(runs):
     for step in fp32:
         assert _close(bf16[step], fp32[step], BF16_TRACK_REL), f"step {step}: bf16 {bf16[step]} vs fp32 {fp32[step]}"
     assert fp32[50] < fp32[5] * (1 - 2 * BF16_TRACK_REL), "the run must learn for the comparison to mean anything"
+
+
+def test_a_bf16_router_finetune_trains_on_cuda_and_keeps_its_fp32_masters(runs):
+    root, results = runs
+    _ok(results, "finetune_bf16")
+    assert sorted(_losses(root / "finetune_bf16")) == [1, 2, 3]
+    source, tuned = load_checkpoint_weights(root / "zero1_bf16.json" / "whole"), load_checkpoint_weights(root / "finetune_bf16")
+    assert tuned.zero_stage == 0 and tuned.source.startswith(SOURCE_MASTER)
+    for key, value in tuned.model.items():
+        if is_task_specific(key):  # trained: fp32 masters, with bits bf16 cannot hold
+            continue
+        assert torch.equal(value, source.model[key].bfloat16().float()), key  # frozen, as the bf16 module held it
+    assert any(not torch.equal(v, v.bfloat16().float()) for k, v in tuned.model.items() if is_task_specific(k))

@@ -7,9 +7,9 @@ groups) trains 2 steps at ep_size 2 on a synthetic batch and saves with the trai
 (config.yaml and usage.json beside, as the trainer writes them); rank 0 reshards that run to ep_size 1
 (python -m modsquad_ds.reshard's function), and an ep_size 1 engine resumes from it through the
 trainer's checkpoint.load_latest and saves natively. After each save every rank writes the engine's
-true fp32 weights as it holds them (``safe_get_full_fp32_param`` for ZeRO 1/2, the module's
-parameters for ZeRO 0; experts under their global id) to reference_rank{r}.pt. The test reads the
-checkpoints with the export reader and compares.
+true fp32 weights as it holds them (``safe_get_full_fp32_param`` for ZeRO 1/2; at ZeRO 0 the
+module's parameters, or in a bf16 run their fp32 masters; experts under their global id) to
+reference_rank{r}.pt. The test reads the checkpoints with the export reader and compares.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ def config(case: str, ep_size: int, run: Path):
     from modsquad_ds.config import load_config
 
     zero, precision = case.split("_")
-    return load_config(preset="tiny", overrides=[
+    # bf16 without ZeRO is refused with clipping (ds_config.validate), as a router fine-tuning
+    # (ZeRO 0 always) clips nothing of the experts, which are frozen there
+    clip = ["train.grad_clip=0"] if case == "zero0_bf16" else []
+    return load_config(preset="tiny", overrides=[*clip,
         f"tasks.names=[{','.join(TASKS)}]", f"train.zero_stage={zero[4:]}", f"train.precision={precision}",
         f"train.ep_size={ep_size}", "data.batch_size=2", "train.lr=0.01", "train.warmup_steps=0", "train.steps=2",
         f"train.out_dir={run}", "train.ds_config=ds_configs/zero1_fp32.json"])
@@ -53,9 +56,12 @@ def write_reference(engine, zero: int, path: Path) -> None:
         for local, global_id in enumerate(layer.global_expert_ids()):
             local_to_global[f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{local}."] = \
                 f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{global_id}."
+    # bf16 at ZeRO 0: DeepSpeed's FP16_UnfusedOptimizer keeps a whole fp32 master per parameter
+    masters = {id(lp): hp for lps, hps in zip(getattr(engine.optimizer, "fp16_groups", ()),
+                                              getattr(engine.optimizer, "fp32_groups", ())) for lp, hp in zip(lps, hps)}
     reference = {}
     for name, p in engine.module.named_parameters():  # same order on every rank: the gathers match
-        full = safe_get_full_fp32_param(p) if zero > 0 else p.detach().float()
+        full = safe_get_full_fp32_param(p) if zero > 0 else masters.get(id(p), p).detach().float()
         for local, global_name in local_to_global.items():
             if name.startswith(local):
                 name = global_name + name[len(local):]

@@ -115,10 +115,8 @@ def build_shard_loader(cfg, split: str, rank: int, world_size: int, epoch: int, 
     missing = [x for x in _processor(cfg, epoch, False).domains if x not in index.domains]
     if missing:
         raise ValueError(f"{index.path}: shards lack domains {missing} needed by tasks.names")
-    if index.resolution is not None and index.resolution != cfg.model.img_size:
-        raise ValueError(f"{index.path}: shards were downscaled to {index.resolution} px when written "
-                         f"(make_shards --resize), but model.img_size is {cfg.model.img_size}: reshard "
-                         f"with --resize {cfg.model.img_size} or without --resize")
+    if problem := index.resolution_problem(cfg.model.img_size):  # preflight's check, for callers without it
+        raise ValueError(f"model.img_size: {problem}")
     # data.fraction: training reads a fixed subset; evaluation always the whole split
     shards = subset_shards(index.shards, d.fraction, _seed(cfg)) if train else index.shards
     total = sum(s.samples for s in shards)

@@ -54,6 +54,13 @@ class ShardIndex:
     def num_samples(self) -> int:
         return sum(s.samples for s in self.shards)
 
+    def resolution_problem(self, img_size: int) -> str | None:
+        """What is wrong with ``model.img_size`` for these shards (downscaled to another size), or None."""
+        if self.resolution is None or self.resolution == img_size:
+            return None
+        return (f"({img_size}) differs from the {self.resolution} px the shards in {self.path.parent} were "
+                f"downscaled to (make_shards --resize): reshard with --resize {img_size} or without --resize")
+
 
 def index_path(out_dir: str | Path, split: str) -> Path:
     return Path(out_dir) / f"{split}.index.json"

@@ -51,10 +51,8 @@ def check_shards(cfg, world_size: int) -> None:
         raise ConfigError("data.shards_dir", f"{path} lists shard {absent[0]}{more} but the file is "
                           "missing (restore it, or rewrite the index with python -m data_tools.make_shards "
                           "--index-only)")
-    if index.resolution is not None and index.resolution != cfg.model.img_size:
-        raise ConfigError("model.img_size", f"({cfg.model.img_size}) differs from the {index.resolution} px the "
-                          f"shards in {path.parent} were downscaled to (make_shards --resize): reshard with "
-                          f"--resize {cfg.model.img_size} or without --resize")
+    if problem := index.resolution_problem(cfg.model.img_size):
+        raise ConfigError("model.img_size", problem)
     check_batches(cfg, index.num_samples, world_size, f"split {d.train_split!r} of {path.parent}")
 
 

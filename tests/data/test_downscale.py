@@ -76,7 +76,8 @@ def test_downscaled_shards_give_the_loaders_own_resize(full_and_small):
 def test_training_refuses_shards_downscaled_to_another_size(full_and_small):
     cfg = cfg_for(full_and_small["small"], batch_size=4, workers=0)
     cfg.model.img_size = 64
-    with pytest.raises(ValueError, match="downscaled to 32 px.*model.img_size is 64"):
+    with pytest.raises(ValueError, match=r"^model\.img_size: \(64\) differs from the 32 px the shards in .*: "
+                                         r"reshard with --resize 64 or without --resize$"):
         build_shard_loader(cfg, "train", 0, 1, 0)
     # and before any process starts, in one line naming the setting
     from modsquad_ds.config import ConfigError

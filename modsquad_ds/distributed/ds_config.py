@@ -114,11 +114,12 @@ def validate(config: dict, source: str, moe: bool = True) -> None:
              "use train.precision bf16 or fp32")
     if moe and stage == 0 and config.get("bf16", {}).get("enabled", False) and clip > 0:
         # Measured (tests/distributed/test_ds_config_engines.py history, DeepSpeed 0.19.8): without ZeRO,
-        # bf16 runs through BF16_Optimizer, whose clipping norm came out equal to the norm of the
-        # dense gradients alone (931.6 vs 976.8 with the expert gradients), so the step exceeded
-        # the limit by 4.8 %. ZeRO 1 and 2 in bf16 clip to the limit exactly.
+        # bf16 runs through FP16_UnfusedOptimizer, whose clipping norm came out equal to the norm of
+        # the dense gradients alone (931.6 vs 976.8 with the expert gradients), so the step exceeded
+        # the limit by 4.8 %: its step() computes the expert groups' norms but clips with
+        # get_global_norm(norm_groups), the shared ones only. ZeRO 1 and 2 in bf16 clip exactly.
         fail("zero_optimization.stage", "bf16 at ZeRO stage 0 with gradient_clipping leaves expert "
-             "gradients out of the clipping norm (DeepSpeed 0.19.8 BF16_Optimizer): use ZeRO stage 1 "
+             "gradients out of the clipping norm (DeepSpeed 0.19.8 FP16_UnfusedOptimizer): use ZeRO stage 1 "
              "or 2 for bf16 (ds_configs/zero1_bf16.json, zero2_bf16.json), or gradient_clipping 0")
 
 

@@ -1,10 +1,11 @@
 """Router fine-tuning under the real training command: a source run trained on some tasks, then
 new tasks learned on its frozen backbone, on 2 ranks with experts sharded (ep_size 2), saved,
 resumed; frozen weights compared bit for bit with the source checkpoint, optimizer states read
-back from DeepSpeed's files. In bf16 (the GPU default), read back, resharded and resumed elsewhere."""
+back from DeepSpeed's files. In bf16 (the GPU default): resumed exactly, read back, resharded onto 2 ranks."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -76,27 +77,39 @@ def test_router_finetune_on_two_ranks_keeps_the_backbone_bit_identical_through_r
         assert _optimizer_numel(end.folder, rank) == expected
 
 
-def test_bf16_router_finetune_keeps_its_fp32_masters_and_moves_to_two_ranks(source, tmp_path):
+def _losses(out: Path) -> dict[int, float]:
+    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss/total"] for r in rows if "loss/total" in r}
+
+
+def test_bf16_router_finetune_resumes_exactly_keeps_its_fp32_masters_and_moves_to_two_ranks(source, tmp_path):
     """zero1_bf16 runs at ZeRO 0 here, where DeepSpeed keeps the fp32 masters of what trains in its
-    FP16_UnfusedOptimizer's file (export/zero0.py); reshard (frozen weights have no optimizer
-    state) onto 2 ranks at ep_size 2 and resume there."""
+    FP16_UnfusedOptimizer's file (export/zero0.py). Stopped at step 2 and resumed, it equals the
+    uninterrupted run; resharded from step 2 (frozen weights have no optimizer state) onto 2 ranks
+    at ep_size 2, it trains on there."""
     shards, src = source
-    out, moved = tmp_path / "bf16", tmp_path / "bf16_two_ranks"
-    run_ok([python()] + _finetune(src, out, "finetune.mode=routers", "data.workers=0", "train.steps=4",
-                                  "train.stop_after=2", "train.ep_size=1", "train.ds_config=ds_configs/zero1_bf16.json"),
-           timeout_s=240)
+    whole, out, moved = tmp_path / "bf16_whole", tmp_path / "bf16", tmp_path / "bf16_two_ranks"
+    extra = ("finetune.mode=routers", "data.workers=0", "train.steps=4", "train.ep_size=1",
+             "train.ds_config=ds_configs/zero1_bf16.json", "train.keep_checkpoints=2")
+    run_ok([python()] + _finetune(src, whole, *extra), timeout_s=240)
+    run_ok([python()] + _finetune(src, out, *extra, "train.stop_after=2"), timeout_s=240)
     base, mid = load_checkpoint_weights(src), load_checkpoint_weights(out)
-    assert mid.precision == "bf16" and mid.zero_stage == 0
+    assert mid.precision == "bf16" and mid.zero_stage == 0 and mid.step == 2 and mid.usage
     assert mid.source == f"{SOURCE_MASTER} (110 tensors not in the optimizer, e.g. frozen, from the module weights)"
     shared = [k for k in mid.model if not is_task_specific(k)]
     trained = [k for k in mid.model if is_task_specific(k)]
     # frozen: the source's fp32 weights as the bf16 module holds them; trained: bits bf16 cannot hold
     assert all(torch.equal(mid.model[k], base.model[k].bfloat16().float()) for k in shared)
     assert all(not torch.equal(mid.model[k], mid.model[k].bfloat16().float()) for k in trained)
-    assert mid.step == 2 and mid.usage
 
-    run_ok([python(), "-m", "modsquad_ds.reshard", "--run", str(out), "--out", str(moved), "--world-size", "2",
-            "--ep-size", "2"], timeout_s=120)
+    resumed = run_ok([python()] + _finetune(src, out, *extra), timeout_s=240)
+    assert "resumed from" in resumed.output
+    assert _losses(out) == _losses(whole) and sorted(_losses(whole)) == [1, 2, 3, 4]
+    a, b = load_checkpoint_weights(whole), load_checkpoint_weights(out)
+    assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+
+    run_ok([python(), "-m", "modsquad_ds.reshard", "--run", str(out), "--checkpoint", "2", "--out", str(moved),
+            "--world-size", "2", "--ep-size", "2"], timeout_s=120)
     second = run_ok([str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
                      "modsquad_ds.train", "--config", str(moved / "config.yaml")], timeout_s=240)
     assert "resumed from" in second.output and "step_00000002" in second.output

@@ -20,6 +20,7 @@ Splits are those written by ``python -m data_tools.make_shards --split val|test`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import sys
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from modsquad_ds.config import ConfigError, load_config
+from modsquad_ds.config.finetune import FinetuneConfig
 from modsquad_ds.distributed.accelerator import pin_deepspeed_accelerator
 
 
@@ -72,6 +74,11 @@ def resolve(run_dir: Path, files, overrides, world_size: int):
         new = math.gcd(world_size, ep)
         note = f"train.ep_size {ep} does not divide this world size ({world_size}): evaluating at ep_size {new}"
         cfg = load_config([config_file, *files], [*overrides, f"train.out_dir={run_dir}", f"train.ep_size={new}"])
+    if cfg.finetune.enabled:
+        # A fine-tuned run's checkpoint holds every weight: evaluate the plain model of its tasks, not
+        # the fine-tuning build, which reads the source run (perhaps deleted by now) and freezes the
+        # experts (ZeRO 1/2 engines then refuse the model: finetune/source.py).
+        cfg = dataclasses.replace(cfg, finetune=FinetuneConfig())
     return cfg, ds_config_for_run(cfg), note
 
 

@@ -6,6 +6,7 @@ back from DeepSpeed's files. In bf16 (the GPU default): resumed exactly, read ba
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ import torch
 
 from _launch import BIN, mini_shards, python, run, run_ok
 from modsquad_ds.distributed.env import free_port
+from modsquad_ds.eval.runner import evaluate_model
 from modsquad_ds.export.reader import SOURCE_MASTER, load_checkpoint_weights
 from modsquad_ds.finetune import is_task_specific
+from modsquad_ds.model.vit import ModSquadViT
 
 pytestmark = pytest.mark.dist
 
@@ -117,6 +120,30 @@ def test_bf16_router_finetune_resumes_exactly_keeps_its_fp32_masters_and_moves_t
     assert end.step == 4 and end.world_size == 2 and end.config.train.ep_size == 2 and end.source == mid.source
     assert all(torch.equal(end.model[k], mid.model[k]) for k in shared)
     assert all(not torch.equal(end.model[k], mid.model[k]) for k in trained)
+
+
+def test_a_fine_tuned_run_evaluates_after_its_source_is_gone(source, tmp_path):
+    """python -m modsquad_ds.evaluate on a router fine-tuning (zero1_fp32 asked, run at ZeRO 0): its
+    checkpoint holds every weight, so evaluation builds the plain model of the new tasks, needs no
+    source run, and gives what those weights give evaluated in this process."""
+    shards, src = source
+    moved_source, out = tmp_path / "source_copy", tmp_path / "ft"
+    shutil.copytree(src, moved_source)
+    run_ok([python()] + _finetune(moved_source, out, "finetune.mode=routers", "data.workers=0", "train.steps=2",
+                                  "train.ep_size=1", "train.ds_config=ds_configs/zero1_fp32.json"), timeout_s=240)
+    shutil.rmtree(moved_source)
+    run_ok([python(), "-m", "modsquad_ds.evaluate", "--run", str(out), "--split", "train"], timeout_s=120)
+    saved = json.loads((out / "eval" / "train_step_00000002.json").read_text())
+
+    weights = load_checkpoint_weights(out)
+    model = ModSquadViT(weights.config.model, weights.config.moe, weights.config.tasks.names)
+    model.load_state_dict(weights.model)
+    expected = evaluate_model(model, weights.config, "train")
+    assert saved["tasks"].keys() == expected.metrics.keys() == {"class_scene", "keypoints2d"}
+    assert saved["samples"] == expected.samples > 0
+    for task, metrics in expected.metrics.items():
+        for key, value in metrics.items():
+            assert saved["tasks"][task][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (task, key)
 
 
 def test_full_finetune_trains_everything_at_zero_1(source, tmp_path):

@@ -8,7 +8,8 @@ relative (the same reordering, rounded to 8 bits). A bf16 run stays within 5% of
 total loss at every logged step of 50 (the loss falls by far more than that over those steps).
 
 A router fine-tuning (new tasks on the bf16 run's frozen backbone) runs where DeepSpeed keeps bf16
-without ZeRO, the path every bf16 fine-tuning takes; the reader must find its fp32 masters.
+without ZeRO, the path every bf16 fine-tuning takes; the reader must find its fp32 masters. The
+evaluation command runs on the bf16 run (its engine on CUDA, the checkpoint's module loaded into it).
 
 One more launch is a rank that sees one GPU under another local rank (``srun --gpus-per-task 1``
 gives local rank 3 a single device, 0): it must train there, not ask for ``cuda:3``.
@@ -106,7 +107,9 @@ def runs(shards, tmp_path_factory) -> tuple[Path, dict[str, Result]]:
     second = {f"{c}/resumed": _args(shards, root / c / "parts", c, 6) for c in CONFIGS
               if results[f"{c}/parts"].returncode == 0}
     if results["zero1_bf16.json/whole"].returncode == 0:
-        second["finetune_bf16"] = _finetune_args(root / "zero1_bf16.json" / "whole", root / "finetune_bf16")
+        whole = root / "zero1_bf16.json" / "whole"
+        second["finetune_bf16"] = _finetune_args(whole, root / "finetune_bf16")
+        second["evaluate_bf16"] = [python(), "-m", "modsquad_ds.evaluate", "--run", str(whole), "--split", "train"]
     results.update(_run_all(second))
     return root, results
 
@@ -178,3 +181,12 @@ def test_a_bf16_router_finetune_trains_on_cuda_and_keeps_its_fp32_masters(runs):
             continue
         assert torch.equal(value, source.model[key].bfloat16().float()), key  # frozen, as the bf16 module held it
     assert any(not torch.equal(v, v.bfloat16().float()) for k, v in tuned.model.items() if is_task_specific(k))
+
+
+def test_the_evaluation_command_runs_on_cuda(runs, shards):
+    root, results = runs
+    _ok(results, "evaluate_bf16")
+    saved = json.loads((root / "zero1_bf16.json" / "whole" / "eval" / "train_step_00000006.json").read_text())
+    assert saved["samples"] == json.loads((shards / "train.index.json").read_text())["num_samples"]
+    assert len(saved["tasks"]) == 13
+    assert all(math.isfinite(v) for metrics in saved["tasks"].values() for v in metrics.values())

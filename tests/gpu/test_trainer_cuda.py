@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))  # 
 
 from _launch import REPO, Result, base_env, python, run  # noqa: E402
 from data_tools import make_shards  # noqa: E402
-from modsquad_ds.export.reader import SOURCE_MASTER, load_checkpoint_weights  # noqa: E402
-from modsquad_ds.finetune import is_task_specific  # noqa: E402
 from data_tools.mini_taskonomy import generate  # noqa: E402
 from modsquad_ds.distributed.env import free_port  # noqa: E402
+from modsquad_ds.export.reader import SOURCE_MASTER, load_checkpoint_weights  # noqa: E402
+from modsquad_ds.finetune import is_task_specific  # noqa: E402
 
 CONFIGS = sorted(p.name for p in (REPO / "ds_configs").glob("*.json"))
 FP32_RESUME_REL, BF16_RESUME_REL, BF16_TRACK_REL = 1e-5, 1e-2, 5e-2

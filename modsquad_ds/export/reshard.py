@@ -80,8 +80,7 @@ def _zero0_moments(folder: Path, cfg) -> tuple[dict, int]:
 
     moments: dict[str, dict] = {k: {} for k in MOMENTS}
     step = 0
-    for ep_rank in range(cfg.train.ep_size):
-        saved = zero0.read(folder, cfg, ep_rank)
+    for saved in zero0.read(folder, cfg):
         index = [i for g in saved.torch_state["param_groups"] for i in g["params"]]
         for i, name in zip(index, saved.names):
             state = saved.torch_state["state"].get(i)

@@ -29,10 +29,11 @@ def optimizer_file(folder: Path, ep_rank: int) -> Path:
     return Path(folder) / f"expp_rank_{ep_rank}_mp_rank_00_optim_states.pt"
 
 
-def param_names(cfg, ep_rank: int) -> list[str]:
-    """Engine names (``model.``/``objective.``, experts by *global* id), in the optimizer's index
-    order, of the parameters expert-parallel rank ``ep_rank`` of the run optimised: the trainer's
-    module, frozen as ``cfg.finetune.mode`` freezes it, through its parameter groups."""
+def param_names(cfg) -> list[list[str]]:
+    """For each expert-parallel rank of the run, the engine names (``model.``/``objective.``, experts
+    by *global* id), in the optimizer's index order, of the parameters it optimised: the trainer's
+    module, frozen as ``cfg.finetune.mode`` freezes it, through its parameter groups. One build of
+    the model serves every rank (they differ only in which experts they own)."""
     from modsquad_ds.finetune import freeze
     from modsquad_ds.model.objective import MultiTaskObjective
     from modsquad_ds.model.vit import ModSquadViT
@@ -54,16 +55,17 @@ def param_names(cfg, ep_rank: int) -> list[str]:
         freeze(module, cfg.finetune.mode)
     names = {id(p): n for n, p in module.named_parameters()}
     local = {path: layer.num_local_experts for path, layer in expert_parallel_layers(module)}
-    out = []
-    for group in moe_param_groups(module, cfg.train.weight_decay, NO_DECAY):
-        for p in group["params"]:
-            name = names[id(p)]
-            m = _LOCAL_EXPERT.search(name)
-            if m:
-                first = ep_rank * local[name[: m.start()]]
-                name = _LOCAL_EXPERT.sub(lambda mm: f"{mm.group(1)}{first + int(mm.group(2))}.", name, count=1)
-            out.append(name)
-    return out
+    ordered = [names[id(p)] for group in moe_param_groups(module, cfg.train.weight_decay, NO_DECAY)
+               for p in group["params"]]
+
+    def on_rank(name: str, ep_rank: int) -> str:  # local expert id -> global
+        m = _LOCAL_EXPERT.search(name)
+        if not m:
+            return name
+        first = ep_rank * local[name[: m.start()]]
+        return _LOCAL_EXPERT.sub(lambda mm: f"{mm.group(1)}{first + int(mm.group(2))}.", name, count=1)
+
+    return [[on_rank(name, r) for name in ordered] for r in range(cfg.train.ep_size)]
 
 
 @dataclass
@@ -78,16 +80,19 @@ class Zero0State:
     """bf16 runs: the fp32 master of each name; None for fp32 runs."""
 
 
-def read(folder: Path, cfg, ep_rank: int) -> Zero0State:
-    """Read ``ep_rank``'s optimizer file; :class:`CheckpointError` (one line) if it is not what the
-    run's model and fine-tuning mode say it must be."""
+def read(folder: Path, cfg) -> list[Zero0State]:
+    """Every expert-parallel rank's optimizer file; :class:`CheckpointError` (one line) for a missing
+    file or one that is not what the run's model and fine-tuning mode say it must be."""
+    return [_read(folder, cfg, ep_rank, names) for ep_rank, names in enumerate(param_names(cfg))]
+
+
+def _read(folder: Path, cfg, ep_rank: int, names: list[str]) -> Zero0State:
     path = optimizer_file(folder, ep_rank)
     opt = _load(path).get("optimizer")
     wrapped = isinstance(opt, dict) and "fp32_groups" in opt  # bf16: FP16_UnfusedOptimizer's state
     torch_state = opt.get("optimizer_state_dict") if wrapped else opt
     if not isinstance(torch_state, dict) or "state" not in torch_state or "param_groups" not in torch_state:
         raise CheckpointError(f"{path}: no optimizer state")
-    names = param_names(cfg, ep_rank)
     index = [i for g in torch_state["param_groups"] for i in g["params"]]
     if len(index) != len(names):
         raise CheckpointError(f"{path}: {len(index)} optimizer parameters, the run's model "
@@ -104,14 +109,10 @@ def masters(folder: Path, cfg) -> dict[str, torch.Tensor]:
     """fp32 master weights by engine name from a bf16 ZeRO 0 checkpoint's optimizer files (dense
     ones from expert-parallel rank 0: every rank holds the same); {} for fp32 runs, or when the
     folder has no optimizer files."""
+    if not optimizer_file(folder, 0).is_file():
+        return {}  # saved without optimizer state: the caller upcasts and says so
     out: dict[str, torch.Tensor] = {}
-    for ep_rank in range(cfg.train.ep_size):
-        if not optimizer_file(folder, ep_rank).is_file():
-            if ep_rank == 0:
-                return {}  # saved without optimizer state: the caller upcasts and says so
-            raise CheckpointError(f"{folder}: missing {optimizer_file(folder, ep_rank).name} "
-                                  f"(the run had ep_size {cfg.train.ep_size})")
-        state = read(folder, cfg, ep_rank)
+    for state in read(folder, cfg):
         if state.masters is None:
             return {}
         for name, value in zip(state.names, state.masters):

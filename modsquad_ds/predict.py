@@ -100,8 +100,11 @@ def load_predictor(model: Path, device: torch.device, tasks: list[str] | None, s
         weights = load_checkpoint_weights(model, step)
         return _full_predictor(full_model(weights).to(device), weights.config, tasks)
     else:
-        files = sorted(p for p in model.glob("*.safetensors") if not _read_model(p, is_whole_model)) \
-            if model.is_dir() else []
+        found = sorted(model.glob("*.safetensors")) if model.is_dir() else []
+        wholes = [p for p in found if _read_model(p, is_whole_model)]
+        files = [p for p in found if p not in wholes]
+        if not files and len(wholes) == 1:  # the folder of export --whole
+            return load_predictor(wholes[0], device, tasks, step)
         models = [_read_model(p, lambda m: load_task_model(m, str(device))) for p in files]
     if not models:
         raise ConfigError("--model", f"{model}: no exported model (a .safetensors file, an export folder or a run folder)")

@@ -143,6 +143,10 @@ def test_predict_with_a_whole_model_equals_the_task_model_files(exported, tmp_pa
     a = (tmp_path / "whole" / "depth_zbuffer" / "img1.png").read_bytes()
     assert a == (tmp_path / "task" / "depth_zbuffer" / "img1.png").read_bytes()
     assert not (tmp_path / "whole" / "normal").exists()
+    # the folder export --whole wrote, as export prints it, is the same model
+    assert predict_main(["--model", str(out / "whole"), "--images", str(images / "img1.png"),
+                         "--out", str(tmp_path / "folder"), "--tasks", "depth_zbuffer", "--no-progress"]) == 0
+    assert (tmp_path / "folder" / "depth_zbuffer" / "img1.png").read_bytes() == a
 
 
 def test_predict_bad_input_is_one_line(exported, tmp_path, capsys):

@@ -66,6 +66,12 @@ _ZERO_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.p
 _LOCAL_EXPERT = re.compile(r"(\.deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)\.")
 
 
+def _global_expert_name(name: str, first: int) -> str:
+    """An engine parameter name with its local expert id ``i`` replaced by ``first + i`` (``first``:
+    the global id of the rank's first expert in that layer); other names unchanged."""
+    return _LOCAL_EXPERT.sub(lambda m: f"{m.group(1)}{first + int(m.group(2))}.", name, count=1)
+
+
 @dataclass
 class CheckpointWeights:
     model: dict[str, torch.Tensor]
@@ -189,8 +195,7 @@ def _master_weights(folder: Path, world: int, ep_size: int, local_experts: int) 
         for flat, mapping, group in zip(parts, mappings, groups):
             for name, address in mapping.items():
                 if group.get("moe"):  # local expert id on this rank's expert-parallel rank -> global
-                    first = (rank % ep_size) * local_experts
-                    name = _LOCAL_EXPERT.sub(lambda m: f"{m.group(1)}{first + int(m.group(2))}.", name)
+                    name = _global_expert_name(name, (rank % ep_size) * local_experts)
                 fragments[name].append(flat.detach().narrow(0, address.start, address.numel))
     return {name: torch.cat(parts).float() for name, parts in fragments.items()}
 

@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 
 from modsquad_ds.config.loader import load_config, save_config
-from modsquad_ds.export.reader import (CheckpointError, MODEL_STATES, _load, _zero_files, _LOCAL_EXPERT,
-                                       load_checkpoint_weights)
+from modsquad_ds.export.reader import (CheckpointError, MODEL_STATES, _global_expert_name, _load, _zero_files,
+                                       _LOCAL_EXPERT, load_checkpoint_weights)
 from modsquad_ds.moe.ds_adapter import expert_parallel_layers, reference_key
 from modsquad_ds.train import manifest
 from modsquad_ds.train.checkpoint import TrainPosition, run_layout, tag_for
@@ -67,8 +67,7 @@ def _zero_moments(folder: Path, world: int, ep_size: int, local_experts: int) ->
             step = int(state[i]["step"])
             for name, address in mapping.items():
                 if group.get("moe"):
-                    first = (rank % ep_size) * local_experts
-                    name = _LOCAL_EXPERT.sub(lambda m: f"{m.group(1)}{first + int(m.group(2))}.", name)
+                    name = _global_expert_name(name, (rank % ep_size) * local_experts)
                 for key in MOMENTS:
                     frags[key][_full_name(name)].append(state[i][key].narrow(0, address.start, address.numel))
     return {k: {n: torch.cat(p).float() for n, p in v.items()} for k, v in frags.items()}, step

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from modsquad_ds.export.reader import _LOCAL_EXPERT, CheckpointError, _load
+from modsquad_ds.export.reader import _LOCAL_EXPERT, CheckpointError, _global_expert_name, _load
 
 
 def optimizer_file(folder: Path, ep_rank: int) -> Path:
@@ -60,10 +60,7 @@ def param_names(cfg) -> list[list[str]]:
 
     def on_rank(name: str, ep_rank: int) -> str:  # local expert id -> global
         m = _LOCAL_EXPERT.search(name)
-        if not m:
-            return name
-        first = ep_rank * local[name[: m.start()]]
-        return _LOCAL_EXPERT.sub(lambda mm: f"{mm.group(1)}{first + int(mm.group(2))}.", name, count=1)
+        return _global_expert_name(name, ep_rank * local[name[: m.start()]]) if m else name
 
     return [[on_rank(name, r) for name in ordered] for r in range(cfg.train.ep_size)]
 

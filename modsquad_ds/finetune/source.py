@@ -81,17 +81,24 @@ def finetune_ds_config(cfg: RunConfig, ds_config: dict) -> dict:
     nothing worth having, so they run at stage 0, which keeps state only for what trains.
     """
     zero = ds_config.get("zero_optimization", {})
-    if cfg.finetune.mode in ("routers", "heads") and zero.get("stage", 0) in (1, 2):
-        return {**ds_config, "zero_optimization": {**zero, "stage": 0}}
+    stage = zero.get("stage", 0)
+    if zero_stage(cfg, stage) != stage:
+        return {**ds_config, "zero_optimization": {**zero, "stage": zero_stage(cfg, stage)}}
     return ds_config
 
 
-def zero_note(cfg: RunConfig) -> str:
-    """A line telling the user their ZeRO stage was replaced, or ''."""
+def zero_stage(cfg: RunConfig, asked: int) -> int:
+    """The ZeRO stage a run of ``cfg`` trains at when ``asked`` is configured (see finetune_ds_config)."""
+    return 0 if cfg.finetune.mode in ("routers", "heads") else asked
+
+
+def zero_note(cfg: RunConfig, asked: int | None = None) -> str:
+    """A line telling the user their ZeRO stage (default: the run's ds_config's) was replaced, or ''."""
     from modsquad_ds.distributed.ds_config import ds_config_for_run
 
-    asked = ds_config_for_run(cfg).get("zero_optimization", {}).get("stage", 0)
-    if cfg.finetune.mode in ("routers", "heads") and asked in (1, 2):
+    if asked is None:
+        asked = ds_config_for_run(cfg).get("zero_optimization", {}).get("stage", 0)
+    if zero_stage(cfg, asked) != asked:
         return (f"finetune.mode {cfg.finetune.mode}: ZeRO stage {asked} -> 0 (every expert is frozen, and "
                 "DeepSpeed's ZeRO 1/2 need trainable MoE parameters; see docs/finetune.md)")
     return ""

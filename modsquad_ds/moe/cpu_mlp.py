@@ -57,7 +57,10 @@ class _MoEMlp(torch.autograd.Function):
                 # mm, then the bias in place: addmm into a slice of a fresh buffer cost more on CPU
                 torch.mm(x, w1.t(), out=h).add_(b1)
                 torch.mm(_gelu(h, approximate, a_buf[:n]), w2.t(), out=y).add_(b2)
-        ctx.save_for_backward(x_ND, gates_S, token_idx_S, inverse_S, h_SH, *params)
+        want_params = any(ctx.needs_input_grad[7:])  # not when only routers and heads train (new tasks)
+        # the tokens only for fc1's weight gradient (gathered again in backward)
+        ctx.save_for_backward(x_ND if want_params else None, gates_S, token_idx_S, inverse_S, h_SH, *params)
+        ctx.in_features = x_ND.shape[1]
         ctx.counts, ctx.approximate, ctx.k = counts, approximate, k
         return sum_slots(y_SO, inverse_S, k, gates_S[inverse_S])  # each token's K outputs by gate, as combine
 
@@ -66,11 +69,11 @@ class _MoEMlp(torch.autograd.Function):
         x_ND, gates_S, token_idx_S, inverse_S, h_SH, *params = ctx.saved_tensors
         counts, approximate = ctx.counts, ctx.approximate
         grad_ND = grad_ND.contiguous()
-        grad_x_SD = grad_ND.new_empty(len(token_idx_S), x_ND.shape[1])  # each slot's input gradient
+        grad_x_SD = grad_ND.new_empty(len(token_idx_S), ctx.in_features)  # each slot's input gradient
         grad_gates_S = h_SH.new_empty(gates_S.shape)  # in the activations' dtype, as combine's backward
         gates_S1 = gates_S.to(h_SH.dtype).unsqueeze(1)
         chunks = _by_expert(counts, token_idx_S, gates_S1, h_SH, grad_x_SD, grad_gates_S)
-        want_params = any(ctx.needs_input_grad[7:])  # not when only routers and heads train (new tasks)
+        want_params = x_ND is not None
         most = max(counts)  # the busiest expert's rows: the work buffers every expert reuses
         g_buf = grad_ND.new_empty(most, grad_ND.shape[1])
         u_buf, a_buf = (h_SH.new_empty(most, h_SH.shape[1]) for _ in range(2))

@@ -53,7 +53,8 @@ class _LoopLinear(torch.autograd.Function):
                 if b_EO is not None:  # not addmm: into a slice of a fresh buffer it cost 20% more on CPU
                     y[lo:lo + n] += b_EO[e]
             lo += n
-        ctx.save_for_backward(x_SI, w_EOI)
+        # the input only for the weights' gradient: with frozen experts (router fine-tuning) it is not kept
+        ctx.save_for_backward(x_SI if ctx.needs_input_grad[2] else None, w_EOI)
         ctx.counts, ctx.has_bias = counts, b_EO is not None
         return y
 
@@ -61,7 +62,7 @@ class _LoopLinear(torch.autograd.Function):
     def backward(ctx, grad_SO: torch.Tensor):
         x_SI, w_EOI = ctx.saved_tensors
         grad_SO = grad_SO.contiguous()
-        grad_x = torch.empty_like(x_SI) if ctx.needs_input_grad[0] else None
+        grad_x = grad_SO.new_empty(grad_SO.shape[0], w_EOI.shape[2]) if ctx.needs_input_grad[0] else None
         grad_w = torch.empty_like(w_EOI) if ctx.needs_input_grad[2] else None  # w's strides: a view stays one
         grad_b = grad_SO.new_empty(w_EOI.shape[:2]) if ctx.has_bias and ctx.needs_input_grad[3] else None
         lo = 0

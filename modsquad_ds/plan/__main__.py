@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
+from modsquad_ds.finetune.source import zero_note, zero_stage
 from modsquad_ds.plan import comm
 from modsquad_ds.plan.memory import (ParamCounts, activation_bytes, activation_bytes_per_image, count_params,
                                      peak_bytes, state_bytes)
@@ -167,21 +168,26 @@ def main(argv=None) -> int:
             print(f"error: --ep-size {ep} must divide moe.mlp.num_experts ({experts}) and --gpus ({args.gpus})",
                   file=sys.stderr)
             return 2
-    if args.zero == 0 and args.dtype == "bf16":
+    zero = zero_stage(cfg, args.zero)  # fine-tuning modes routers and heads train at ZeRO 0
+    if zero == 0 and args.dtype == "bf16" and not cfg.finetune.enabled:
         print("error: bf16 needs ZeRO 1 or 2 (ds_configs has no zero0_bf16: see docs/launchers.md)", file=sys.stderr)
         return 2
     params = count_params(cfg)
+    trains = (f"; {params.trainable / 1e6:.2f}M train (finetune.mode {cfg.finetune.mode})"
+              if params.trainable < params.total else "")
     print(f"{cfg.preset}: {params.total / 1e6:.1f}M parameters ({params.mlp_experts / 1e6:.1f}M in MLP experts, "
-          f"sharded by ep_size), {len(cfg.tasks.names)} tasks, {args.gpus} GPUs x {args.gpu_mem_gib:g} GiB, "
-          f"global batch {args.global_batch}, ZeRO {args.zero}, {args.dtype}, link {args.link_gbps:g} Gbit/s")
+          f"sharded by ep_size{trains}), {len(cfg.tasks.names)} tasks, {args.gpus} GPUs x {args.gpu_mem_gib:g} GiB, "
+          f"global batch {args.global_batch}, ZeRO {zero}, {args.dtype}, link {args.link_gbps:g} Gbit/s")
+    if zero_note(cfg, args.zero):
+        print(zero_note(cfg, args.zero))
     rows = plan_rows(cfg, params, gpus=args.gpus, gpu_mem_gib=args.gpu_mem_gib, global_batch=args.global_batch,
-                     ep_sizes=ep_sizes, zero=args.zero, dtype=args.dtype, link_gbps=args.link_gbps,
+                     ep_sizes=ep_sizes, zero=zero, dtype=args.dtype, link_gbps=args.link_gbps,
                      capacity_factor=args.capacity_factor, reserve_gib=args.reserve_gib)
     print(format_table(rows, args.step_time_s, args.global_batch, args.gpus, args.images, args.epochs))
     best, why = pick(rows)
     if best is None:
         why += ": use more or larger GPUs" + "".join(
-            f", {fix}" for fix, applies in (("bf16", args.dtype != "bf16"), ("ZeRO 2", args.zero != 2),
+            f", {fix}" for fix, applies in (("bf16", args.dtype != "bf16"), ("ZeRO 2", zero != 2 and zero_stage(cfg, 2) == 2),
                                             ("model.grad_checkpointing=true", not cfg.model.grad_checkpointing))
             if applies)
     print(f"pick: {why}")
@@ -196,16 +202,19 @@ def _calibrate(cfg, args) -> None:
 
     init_distributed(heartbeat_timeout_s=0)
     params = count_params(cfg)
-    st = state_bytes(params, world=1, ep_size=1, zero=args.zero, dtype=args.dtype)
+    zero = zero_stage(cfg, args.zero)
+    st = state_bytes(params, world=1, ep_size=1, zero=zero, dtype=args.dtype)
     b = args.calibrate_batch
-    m = measure_step(cfg, b, args.zero, args.dtype)
+    m = measure_step(cfg, b, zero, args.dtype)
     act = activation_bytes(cfg, b, args.dtype, device=m.device)  # predicted for where it was measured
     predicted = peak_bytes(st, act)
-    print(f"calibration (1 process, micro batch {b}, ZeRO {args.zero}, {args.dtype}): "
+    print(f"calibration (1 process, micro batch {b}, ZeRO {zero}, {args.dtype}): "
           f"peak predicted {predicted / 2**20:.1f} MiB, measured "
           f"{m.peak_bytes / 2**20:.1f} MiB ({predicted / m.peak_bytes:.3f}x); activations predicted "
           f"{act / 2**20:.1f} MiB, measured {m.saved_activation_bytes / 2**20:.1f} MiB"
-          + (" (with grad checkpointing the forward keeps only the blocks' inputs; the block backward "
+          + (" (finetune.mode heads: the backbone saves nothing; the prediction adds the forward's working "
+             "set in its largest layer, which the peak holds)" if cfg.finetune.mode == "heads" else
+             " (with grad checkpointing the forward keeps only the blocks' inputs; the block backward "
              "recomputes counts in the prediction and the peak)" if cfg.model.grad_checkpointing else ""))
 
 

@@ -39,17 +39,21 @@ class MeasuredStep:
 
 
 def _engine(cfg, zero: int, dtype: str, micro_batch: int):
-    """The trainer's engine with a DeepSpeed config shaped like the shipped ds_configs/*.json."""
+    """The trainer's engine with a DeepSpeed config shaped like the shipped ds_configs/*.json, at the
+    stage the run trains at (fine-tuning modes routers and heads: 0, finetune.source.zero_stage),
+    for a fine-tuning run without its source run's weights (memory does not depend on them)."""
+    from modsquad_ds.finetune.source import zero_stage
     from modsquad_ds.plan.memory import REDUCE_BUCKET_ELEMENTS
     from modsquad_ds.train.trainer import build_engine
 
+    zero = zero_stage(cfg, zero)
     ds = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
           "gradient_clipping": 1.0, "steps_per_print": 10**9, "wall_clock_breakdown": False,
           "zero_optimization": {"stage": zero, "contiguous_gradients": True, "overlap_comm": False,
                                 "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS,
                                 "allgather_bucket_size": REDUCE_BUCKET_ELEMENTS},
           "bf16": {"enabled": dtype == "bf16"}, "zero_allow_untested_optimizer": True}
-    return build_engine(cfg, ds)
+    return build_engine(cfg, ds, source_weights=False)
 
 
 def saved_activation_bytes(module, batch) -> int:
@@ -96,6 +100,9 @@ def measure_step(cfg, micro_batch: int, zero: int = 1, dtype: str = "fp32") -> M
 
     gen = torch.Generator().manual_seed(0)
     batch = synthetic_batch(cfg.tasks.names, micro_batch, cfg.model.img_size, generator=gen)
+    # Garbage from before (a previous measurement's engine: DeepSpeed's hold reference cycles) freed
+    # during the measurement would count as negative bytes and lower what it says is held.
+    gc.collect()
     if _on_cuda():
         return _measure_cuda(cfg, batch, micro_batch, zero, dtype)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

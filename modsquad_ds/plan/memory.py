@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 REDUCE_BUCKET_ELEMENTS = 50_000_000
-"""``reduce_bucket_size`` of every shipped ds_configs/*.json."""
+"""``reduce_bucket_size`` of every shipped ZeRO 1/2 config (ds_configs/zero[12]_*.json)."""
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -43,35 +43,47 @@ class ParamCounts:
     """Every weight not sharded by expert parallelism (attention experts and routers included)."""
     mlp_experts: int
     """All MoE MLP experts of all layers; sharded over ep_size ranks."""
+    frozen_dense: int = 0
+    """Of ``dense``, the weights a fine-tuning mode freezes (finetune.mode routers or heads)."""
+    frozen_experts: int = 0
+    """Of ``mlp_experts``, the frozen ones (all of them in modes routers and heads)."""
 
     @property
     def total(self) -> int:
         return self.dense + self.mlp_experts
 
+    @property
+    def trainable(self) -> int:
+        return self.total - self.frozen_dense - self.frozen_experts
+
 
 def count_params(cfg) -> ParamCounts:
-    """Parameters of the training module (model and task weighting), counted on a real build.
+    """Parameters of the training module (model and task weighting), counted on a real build, and
+    those ``cfg.finetune.mode`` freezes (modsquad_ds.finetune.trainable selects them by name).
 
     The build is in bf16 (half the memory and time of fp32: ViT-B takes about 2 s); the meta device
     cannot build the model (its drop-path schedule reads a tensor's values).
     """
+    from modsquad_ds.finetune.trainable import trainable_names
     from modsquad_ds.model.factory import build_model
     from modsquad_ds.model.objective import MultiTaskObjective
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        model = build_model(_without_pretrained(cfg))
-        objective = MultiTaskObjective(cfg)
+        module = torch.nn.Module()  # named as the trainer's TrainModule: model.*, objective.*
+        module.model = build_model(_without_pretrained(cfg))
+        module.objective = MultiTaskObjective(cfg)
     finally:
         torch.set_default_dtype(default)
-    dense = experts = 0
-    for name, p in [*model.named_parameters(), *objective.named_parameters()]:
-        if ".experts.experts." in name:  # MoEMlp's MLPExperts: the weights expert parallelism shards
-            experts += p.numel()
-        else:
-            dense += p.numel()
-    return ParamCounts(dense, experts)
+    trains = trainable_names(module, cfg.finetune.mode)
+    counts = {(expert, frozen): 0 for expert in (False, True) for frozen in (False, True)}
+    for name, p in module.named_parameters():
+        # MoEMlp's MLPExperts hold the weights expert parallelism shards
+        counts[".experts.experts." in name, name not in trains] += p.numel()
+    return ParamCounts(dense=counts[False, False] + counts[False, True],
+                       mlp_experts=counts[True, False] + counts[True, True],
+                       frozen_dense=counts[False, True], frozen_experts=counts[True, True])
 
 
 def _without_pretrained(cfg):
@@ -99,15 +111,23 @@ class StateBytes:
 
 
 def state_bytes(params: ParamCounts, *, world: int, ep_size: int, zero: int, dtype: str) -> StateBytes:
-    """Model and optimizer state on one GPU (see the module docstring for where each term lives)."""
+    """Model and optimizer state on one GPU (see the module docstring for where each term lives).
+    Frozen weights (fine-tuning) are held in the training dtype and nothing else: no gradient, no
+    optimizer state (``moe_param_groups`` leaves them out of the optimizer)."""
     w = DTYPE_BYTES[dtype]
     local = params.dense + params.mlp_experts // ep_size
+    train_dense = params.dense - params.frozen_dense
+    train_experts = (params.mlp_experts - params.frozen_experts) // ep_size
     if zero == 0:
-        part = local  # no partitioning: torch's AdamW holds fp32 moments of every local weight
-        return StateBytes(weights=w * local, master=0, adam=8 * part, grads=w * local, step_grads=0, buckets=0)
+        part = train_dense + train_experts  # no partitioning: AdamW holds fp32 moments of every local weight
+        # bf16 without ZeRO (routers/heads fine-tuning) runs DeepSpeed's FP16_UnfusedOptimizer: an
+        # fp32 copy of every trained weight, and fp32 copies of their gradients during the step
+        master = 4 * part if dtype != "fp32" else 0
+        return StateBytes(weights=w * local, master=master, adam=8 * part, grads=w * part, step_grads=master,
+                          buckets=0)
     edp = world // ep_size
-    part = _ceil_div(params.dense, world) + _ceil_div(params.mlp_experts // ep_size, edp)
-    grads = w * local if zero == 1 else w * part
+    part = _ceil_div(train_dense, world) + _ceil_div(train_experts, edp)
+    grads = w * (train_dense + train_experts) if zero == 1 else w * part
     # One bucket per parameter dtype (experts and dense weights share it), of the gradient
     # reduction dtype: the training dtype, as grad_accum_dtype is unset (_gradient_reduction_buffer_dtype).
     buckets = REDUCE_BUCKET_ELEMENTS * w
@@ -137,6 +157,7 @@ class Shapes:
     img: int
     first_block: int
     head_out: int  # sum over tasks of the head's outputs per image (pixels x channels or classes)
+    pixel_tasks: int  # tasks with a pixel head (a linear layer on every patch token)
 
 
 def shapes(cfg) -> Shapes:
@@ -145,14 +166,16 @@ def shapes(cfg) -> Shapes:
 
     m, moe = cfg.model, cfg.moe
     grid = m.img_size // m.patch_size
-    head_out = 0
+    head_out = pixel_tasks = 0
     for name in cfg.tasks.names:
         spec = get_task(name)
         head_out += spec.channels * (m.img_size ** 2 if spec.kind == "pixel" else 1)
+        pixel_tasks += spec.kind == "pixel"
     return Shapes(tasks=len(cfg.tasks.names), tokens=grid * grid + 1, dim=m.embed_dim, mlp_hidden=m.mlp_hidden,
                   heads=m.num_heads, kinds=block_kinds(m.depth, moe), attn_k=moe.attn.top_k,
                   attn_e=moe.attn.num_experts, attn_h=moe.attn.resolved_dim(m.embed_dim), mlp_k=moe.mlp.top_k,
-                  mlp_e=moe.mlp.num_experts, img=m.img_size, first_block=moe.first_block, head_out=head_out)
+                  mlp_e=moe.mlp.num_experts, img=m.img_size, first_block=moe.first_block, head_out=head_out,
+                  pixel_tasks=pixel_tasks)
 
 
 def activation_bytes_per_image(cfg, dtype: str = "fp32", capacity_factor: float = 1.0, ep_size: int = 1,
@@ -167,59 +190,108 @@ def activation_bytes_per_image(cfg, dtype: str = "fp32", capacity_factor: float 
 
     With ``model.grad_checkpointing`` every block keeps only its input through the forward, and
     backward recomputes one block at a time: the inputs of all blocks plus the largest block's own.
+
+    Fine-tuning (``cfg.finetune.mode``) saves less. In mode routers the backbone's weights are
+    frozen: what a layer keeps only for its weight's gradient goes (a linear layer's input, the
+    image), what the gradient on its way to the routers and the task embedding needs stays
+    (LayerNorm statistics, SDPA's inputs, the GELU's input, the expert outputs the gates multiply),
+    and the blocks before the first MoE layer, which the task embedding has not reached, save
+    nothing. In mode heads nothing before the heads trains and the backbone saves nothing; then
+    the most the step holds is the forward's working set in its largest layer, which this adds
+    (:func:`_forward_working_set`).
     """
     s = shapes(cfg)
     a = DTYPE_BYTES[dtype]
-    f, i64 = 4, 8
-    d, n, t = s.dim, s.tokens, s.tasks
-    rows = t * n  # task slots x tokens of one image, after the task-independent prefix
-    outside = 3 * s.img ** 2 * a  # the image, saved by the patch-embedding convolution
-    noisy = cfg.moe.router_noise
-    blocks, block_inputs = [], []
+    f = 4
+    d, n, rows = s.dim, s.tokens, s.tasks * s.tokens  # rows: task slots x tokens, after the shared prefix
+    heads = rows * d * a                        # the heads' input (the final norm's output)
+    heads += s.pixel_tasks * (n - 1) * d * a    # a pixel head's patch tokens, copied out of it
+    heads += s.head_out * a * 2                 # head outputs, kept by the losses with their targets
+    if cfg.finetune.mode == "heads":
+        return heads + _forward_working_set(cfg, s, a, capacity_factor, ep_size, device)
+    wg = cfg.finetune.mode != "routers"  # the backbone's weights train: layers keep their inputs for them
+    # the task-independent prefix saves nothing when nothing in it or before it trains
+    first = 0 if wg else s.first_block
+    blocks = [_block_bytes(cfg, s, a, b, wg, capacity_factor, ep_size, device) for b in range(first, len(s.kinds))]
+    outside = 3 * s.img ** 2 * a * wg           # the image, saved by the patch-embedding convolution
+    outside += rows * (d * a + 2 * f) + heads   # final norm: input, stats; the heads
+    if cfg.model.grad_checkpointing:  # each block keeps its input; backward recomputes one block at a time
+        inputs = sum((n if b < s.first_block else rows) * d * a for b in range(first, len(s.kinds)))
+        return outside + inputs + max(blocks, default=0)
+    return outside + sum(blocks)
+
+
+def _forward_working_set(cfg, s: Shapes, a: int, capacity_factor: float, ep_size: int, device: str) -> float:
+    """Bytes one image's forward holds at once in its largest layer when nothing is saved: the
+    block's input, the normed tokens and the layer's output, and the layer's own intermediates
+    while it runs (MoA: queries, shared keys/values, attention and expert outputs, the dispatched
+    token copies being freed once projected; MoE MLP: each slot's hidden and output rows)."""
+    d = s.dim
+    most = 0.0
     for b, (moe_attn, moe_mlp) in enumerate(s.kinds):
-        r = n if b < s.first_block else rows
-        block_inputs.append(r * d * a)
-        # LayerNorm 1 and 2: input (a), mean and rstd (fp32); the normed outputs are saved by the next linear
-        block = r * 2 * (d * a + 2 * f)
+        r = s.tokens if b < s.first_block else s.tasks * s.tokens
         if moe_attn:
             k, h = s.attn_k, s.attn_h
-            block += _router(r, d, s.attn_e, k, a, noisy)
-            block += r * (d * a)                    # LayerNorm 1 output (router, dispatch, k/v input)
-            block += r * k * d * a                  # dispatched token copies (query projections' input)
-            block += r * k * h * a * 2              # unpermuted queries and attention output (SDPA)
-            block += r * 2 * h * a                  # shared keys/values (SDPA)
-            block += r * k * f                      # SDPA's logsumexp
-            block += r * k * h * a                  # expert-sorted attention output (output projections' input)
-            block += r * k * d * a                  # expert outputs in expert order (the combine's input)
-            block += r * k * (f + 3 * i64)          # gates (fp32); slot tokens, slot order and its inverse
+            attn = r * k * (d + 2 * h) + r * 2 * h
         else:
-            block += r * d * a                      # LayerNorm 1 output (qkv input)
-            block += r * 3 * d * a                  # q, k, v (SDPA)
-            block += r * d * a * 2                  # SDPA output and the projection's input
-            block += r * s.heads * f                # SDPA's logsumexp
+            attn = r * 5 * d  # q, k, v, SDPA output, projection
         if moe_mlp:
             k = s.mlp_k
             h = s.mlp_hidden // k if cfg.moe.mlp.expert_dim is None else cfg.moe.mlp.expert_dim
-            local = ep_size == 1                    # dropless dispatch, else DeepSpeed's (E, C, D) buffer
-            buf = r * k * (1.0 if local else capacity_factor)
-            block += _router(r, d, s.mlp_e, k, a, noisy)
-            block += r * d * a                      # LayerNorm 2 output
-            if local and device == "cpu":           # moe/cpu_mlp.py gathers the tokens, recomputes the GELU
-                block += buf * h * a                # and the gates' gradient in backward: the GELU input only
-            else:
-                block += buf * (d + 2 * h) * a      # expert fc1 input, GELU input and output
-                block += r * k * d * a              # expert outputs (saved by the combine / gate multiply)
-            # gates; slot tokens and the inverse order (local), or the slots of _sparse_decode
-            block += r * k * (f + (2 if local else 1) * i64)
+            buf = r * k * (1.0 if ep_size == 1 else capacity_factor)
+            # moe/cpu_mlp.py: fc1 outputs and expert outputs; else also the token copies and the GELU's output
+            mlp = buf * (h + d) * (1 if ep_size == 1 and device == "cpu" else 2)
         else:
-            block += r * d * a                      # LayerNorm 2 output (fc1 input)
-            block += r * 2 * s.mlp_hidden * a       # GELU input and output
-        blocks.append(block)
-    outside += rows * (d * a + 2 * f) + rows * d * a  # final norm: input, stats, output (heads' input)
-    outside += s.head_out * a * 2                     # head outputs, kept by the losses with their targets
-    if cfg.model.grad_checkpointing:  # each block keeps its input; backward recomputes one block at a time
-        return outside + sum(block_inputs) + max(blocks)
-    return outside + sum(blocks)
+            mlp = r * 2 * s.mlp_hidden
+        most = max(most, (3 * r * d + max(attn, mlp)) * a)
+    return most
+
+
+def _block_bytes(cfg, s: Shapes, a: int, b: int, wg: bool, capacity_factor: float, ep_size: int,
+                 device: str) -> float:
+    """What block ``b`` saves per image; ``wg``: its weights train (else only what flows back to
+    routers and task embedding stays)."""
+    f, i64 = 4, 8
+    moe_attn, moe_mlp = s.kinds[b]
+    d = s.dim
+    r = s.tokens if b < s.first_block else s.tasks * s.tokens
+    noisy = cfg.moe.router_noise
+    router_keeps_input = a == f  # the gate's matmul saves its input itself in fp32, an fp32 copy otherwise
+    # LayerNorm 1 and 2: input (a), mean and rstd (fp32); the normed outputs are saved by the next linear
+    block = r * 2 * (d * a + 2 * f)
+    if moe_attn:
+        k, h = s.attn_k, s.attn_h
+        block += _router(r, d, s.attn_e, k, a, noisy)
+        block += r * (d * a) * (wg or router_keeps_input)  # LayerNorm 1 output (router, k/v input)
+        block += r * k * d * a * wg             # dispatched token copies (query projections' input)
+        block += r * k * h * a * 2              # unpermuted queries and attention output (SDPA)
+        block += r * 2 * h * a                  # shared keys/values (SDPA)
+        block += r * k * f                      # SDPA's logsumexp
+        block += r * k * h * a * wg             # expert-sorted attention output (output projections' input)
+        block += r * k * d * a                  # expert outputs in expert order (the combine's input)
+        block += r * k * (f + 3 * i64)          # gates (fp32); slot tokens, slot order and its inverse
+    else:
+        block += r * d * a * wg                 # LayerNorm 1 output (qkv input)
+        block += r * 3 * d * a                  # q, k, v (SDPA)
+        block += r * d * a * (1 + wg)           # SDPA output and the projection's input
+        block += r * s.heads * f                # SDPA's logsumexp
+    if moe_mlp:
+        k = s.mlp_k
+        h = s.mlp_hidden // k if cfg.moe.mlp.expert_dim is None else cfg.moe.mlp.expert_dim
+        local = ep_size == 1                    # dropless dispatch, else DeepSpeed's (E, C, D) buffer
+        buf = r * k * (1.0 if local else capacity_factor)
+        block += _router(r, d, s.mlp_e, k, a, noisy)
+        block += r * d * a * (wg or router_keeps_input)  # LayerNorm 2 output (experts' input)
+        block += buf * h * a                    # GELU input
+        if not (local and device == "cpu"):     # moe/cpu_mlp.py recomputes the GELU and the gates' gradient
+            block += buf * (d + h) * a * wg     # fc1 input and GELU output, for the experts' weights
+            block += r * k * d * a              # expert outputs (saved by the combine / gate multiply)
+        # gates; slot tokens and the inverse order (local), or the slots of _sparse_decode
+        block += r * k * (f + (2 if local else 1) * i64)
+    else:
+        block += r * d * a * wg                 # LayerNorm 2 output (fc1 input)
+        block += r * s.mlp_hidden * a * (1 + wg)  # GELU input and output (fc2 input)
+    return block
 
 
 def expert_weight_copies(cfg, dtype: str = "fp32", ep_size: int = 1, device: str = "cuda") -> float:
@@ -229,7 +301,7 @@ def expert_weight_copies(cfg, dtype: str = "fp32", ep_size: int = 1, device: str
     at ep_size > 1). None at ep_size 1 on a CPU: moe/cpu_mlp.py uses each expert's own weights.
     MoA's projections are stored stacked: nothing is copied for them. With ``model.grad_checkpointing``
     only the block being recomputed holds its copies."""
-    if ep_size == 1 and device == "cpu":
+    if (ep_size == 1 and device == "cpu") or cfg.finetune.mode == "heads":  # heads: no gradient reaches them
         return 0.0
     s = shapes(cfg)
     h = s.mlp_hidden // s.mlp_k if cfg.moe.mlp.expert_dim is None else cfg.moe.mlp.expert_dim

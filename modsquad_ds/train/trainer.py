@@ -75,12 +75,15 @@ def manual_clip_norm(cfg: RunConfig, ds_config: dict) -> float:
     return clip if zero == 0 and cfg.train.ep_size > 1 and clip > 0 else 0.0
 
 
-def build_engine(cfg: RunConfig, ds_config: dict):
+def build_engine(cfg: RunConfig, ds_config: dict, *, source_weights: bool = True):
+    """The DeepSpeed engine of ``cfg``'s model and objective. ``source_weights=False``: a fine-tuning
+    model without its source run's weights (same shapes, frozen the same way: the planner's memory
+    measurement, which needs no source run)."""
     if manual_clip_norm(cfg, ds_config):
         ds_config = {**ds_config, "gradient_clipping": 0.0}
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    if cfg.finetune.enabled:  # new tasks on a trained run's weights (modsquad_ds/finetune)
-        from modsquad_ds.finetune import build_finetune_model, freeze
+    if cfg.finetune.enabled and source_weights:  # new tasks on a trained run's weights (modsquad_ds/finetune)
+        from modsquad_ds.finetune import build_finetune_model
 
         model = build_finetune_model(cfg)
     else:
@@ -90,6 +93,8 @@ def build_engine(cfg: RunConfig, ds_config: dict):
         model.compile_blocks()
     module = TrainModule(model, MultiTaskObjective(cfg), all_reduce_sum_autograd)
     if cfg.finetune.enabled:
+        from modsquad_ds.finetune import freeze
+
         module.freeze_report = freeze(module, cfg.finetune.mode)  # before the optimizer sees the params
     optimizer = torch.optim.AdamW(moe_param_groups(module, cfg.train.weight_decay, NO_DECAY), lr=cfg.train.lr)
     t = cfg.train

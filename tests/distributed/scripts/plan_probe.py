@@ -3,7 +3,7 @@
 Usage: plan_probe.py OUT memory|alltoall   with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set.
 
 - memory (one process): the trainer's engine (build_engine) for tiny and small at ZeRO 1/2,
-  fp32/bf16, two steps under the profiler (modsquad_ds.plan.measure): the measured peak, bytes held
+  fp32/bf16, and fine-tuning in modes routers and heads, two steps under the profiler (modsquad_ds.plan.measure): the measured peak, bytes held
   between steps and saved activations, and the capacity of every MoE MLP call (the busiest
   expert's tokens).
 - alltoall (2 ranks, ep_size 2): one training step with every torch.distributed.all_to_all_single
@@ -28,6 +28,12 @@ CASES = [  # preset, micro batch, ZeRO, dtype, overrides
     ("tiny", 8, 2, "bf16", []),
     ("small", 1, 1, "fp32", ["tasks.names=[class_scene,normal,depth_euclidean]"]),
     ("tiny", 64, 1, "fp32", ["model.grad_checkpointing=true"]),  # activations set the peak: 310 vs 480 MiB without
+    # fine-tuning new tasks (no source run needed: measure builds the model without its weights); ZeRO 1
+    # asked, 0 run (finetune.source.zero_stage)
+    ("tiny", 8, 1, "fp32", ["finetune.mode=routers", "finetune.init_from=runs/source"]),
+    ("tiny", 8, 1, "bf16", ["finetune.mode=routers", "finetune.init_from=runs/source"]),
+    ("small", 2, 1, "fp32", ["tasks.names=[class_scene,normal,depth_euclidean]", "finetune.mode=heads",
+                             "finetune.init_from=runs/source"]),
 ]
 
 
@@ -80,7 +86,7 @@ def main() -> None:
             record["memory"].append({"preset": preset, "micro": micro, "zero": zero, "dtype": dtype,
                                      "overrides": overrides, "peak": m.peak_bytes, "between": m.before_step_bytes,
                                      "activations": m.saved_activation_bytes, "capacities": counter.capacities})
-        elif preset == "tiny" and not cfg.model.grad_checkpointing:
+        elif preset == "tiny" and not cfg.model.grad_checkpointing and not cfg.finetune.enabled:
             # one counted step: forward and backward all-to-alls of every MoE MLP layer (checkpointing
             # would add the recomputed forward's)
             engine = _engine(cfg, zero, dtype, micro)

@@ -200,3 +200,35 @@ def test_cpu_moe_mlp_keeps_only_the_gelu_input_per_slot():
     general = saved_bytes(lambda: combine(run_mlp_experts(experts, dispatch(x, p), p, "loop"), p),
                           experts.parameters())
     assert general - kept >= n * k * (d + hidden + d) * 4
+
+
+def test_frozen_experts_keep_no_token_copies_for_their_weights():
+    """Router fine-tuning freezes the experts: the expert kernels then keep their inputs no longer
+    (they were saved only for the weights' gradients), and the tokens' and gates' gradients stay
+    those of the trained-experts path. Both custom kernels: moe/cpu_mlp.py and the loop kernel."""
+    from modsquad_ds.moe.experts import expert_linear
+    from modsquad_ds.plan.measure import saved_bytes
+
+    torch.manual_seed(0)
+    n, d, hidden, e, k = 64, 8, 12, 4, 2
+    experts = torch.nn.ModuleList(Mlp(d, hidden) for _ in range(e))
+    x = torch.randn(n, d, requires_grad=True)
+    p = plan(torch.rand(n, e).topk(k, dim=1).indices, torch.rand(n, k, requires_grad=True), e)
+    weight = torch.randn(n, d)
+    trained = saved_bytes(lambda: cpu_mlp.moe_mlp(experts, x, p), experts.parameters())
+    want = torch.autograd.grad((cpu_mlp.moe_mlp(experts, x, p) * weight).sum(), [x, p.gates])
+    experts.requires_grad_(False)
+    frozen = saved_bytes(lambda: cpu_mlp.moe_mlp(experts, x, p), experts.parameters())
+    assert trained - frozen == x.untyped_storage().nbytes()
+    for g, ref in zip(torch.autograd.grad((cpu_mlp.moe_mlp(experts, x, p) * weight).sum(), [x, p.gates]), want):
+        torch.testing.assert_close(g, ref, rtol=0, atol=0)
+
+    x_SI = dispatch(x, p).detach().requires_grad_()
+    w = torch.randn(e, hidden, d, requires_grad=True)
+    out_weight = torch.randn(n * k, hidden)
+    want = torch.autograd.grad((expert_linear(x_SI, p, w, kernel="loop") * out_weight).sum(), x_SI)[0]
+    kept = saved_bytes(lambda: expert_linear(x_SI, p, w, kernel="loop"), [w])
+    w.requires_grad_(False)
+    assert kept - saved_bytes(lambda: expert_linear(x_SI, p, w, kernel="loop"), [w]) == x_SI.untyped_storage().nbytes()
+    got = torch.autograd.grad((expert_linear(x_SI, p, w, kernel="loop") * out_weight).sum(), x_SI)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

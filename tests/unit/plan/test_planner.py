@@ -110,3 +110,52 @@ def test_pick_takes_fewer_micro_steps_over_less_all_to_all():
     rows = [row(1, 4, 0.0), row(2, 2, 0.5), row(4, 2, 0.2), row(8, 1, 0.9, fits=False)]
     assert pick(rows)[0].ep_size == 4  # fewest micro steps that fit (2), then less all-to-all time
     assert pick([row(2, 1, 0.1), row(4, 1, 0.1)])[0].ep_size == 2  # a tie: the smaller ep_size
+
+
+def test_frozen_weights_hold_only_their_training_dtype_copy():
+    """Router fine-tuning: 1,000 dense weights of which 900 frozen, 4,000 experts all frozen, ep 2.
+    Only the 100 trained weights have gradients and Adam moments; bf16 without ZeRO
+    (FP16_UnfusedOptimizer) adds their fp32 copies and, during the step, fp32 gradients."""
+    p = ParamCounts(dense=1_000, mlp_experts=4_000, frozen_dense=900, frozen_experts=4_000)
+    assert p.trainable == 100
+    s = state_bytes(p, world=4, ep_size=2, zero=0, dtype="bf16")
+    assert s.weights == 2 * (1_000 + 2_000)
+    assert (s.grads, s.master, s.adam, s.step_grads, s.buckets) == (2 * 100, 4 * 100, 8 * 100, 4 * 100, 0)
+    f = state_bytes(p, world=4, ep_size=2, zero=0, dtype="fp32")  # torch's AdamW on the fp32 weights
+    assert (f.weights, f.grads, f.master, f.adam, f.step_grads) == (4 * 3_000, 4 * 100, 0, 8 * 100, 0)
+    z1 = state_bytes(p, world=4, ep_size=2, zero=1, dtype="fp32")  # ZeRO partitions only what trains
+    assert (z1.master, z1.adam, z1.grads) == (4 * 25, 8 * 25, 4 * 100)
+
+
+@pytest.mark.parametrize("mode", ["routers", "heads", "all"])
+def test_trainable_counts_are_what_the_trainer_freezes(mode):
+    """count_params selects by the fine-tuning code's own rule; checked against freeze() on the
+    trainer's module (model and objective)."""
+    import torch
+
+    from modsquad_ds.distributed.collectives import all_reduce_sum_autograd
+    from modsquad_ds.finetune import freeze
+    from modsquad_ds.model.factory import build_model
+    from modsquad_ds.model.objective import MultiTaskObjective
+    from modsquad_ds.train.module import TrainModule
+
+    cfg = load_config(preset="tiny", overrides=[f"finetune.mode={mode}", "finetune.init_from=runs/source",
+                                                "tasks.names=[class_object,normal]"])
+    p = count_params(cfg)
+    torch.manual_seed(0)
+    report = freeze(TrainModule(build_model(cfg), MultiTaskObjective(cfg), all_reduce_sum_autograd), mode)
+    assert (p.trainable, p.total - p.trainable) == (report.trainable, report.frozen)
+    assert p.frozen_experts == (0 if mode == "all" else p.mlp_experts)
+
+
+def test_fine_tuning_plans_at_the_stage_it_trains_at(capsys):
+    """Modes routers and heads run at ZeRO 0 (finetune.source.zero_stage), bf16 included; the
+    header says what trains and the stage replaced."""
+    argv = ["--preset", "tiny", "--gpus", "2", "--gpu-mem-gib", "4", "--global-batch", "8", "--zero", "2",
+            "--set", "finetune.mode=routers", "--set", "finetune.init_from=runs/source"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ZeRO 0, bf16" in out and "finetune.mode routers: ZeRO stage 2 -> 0" in out
+    assert "M train (finetune.mode routers)" in out
+    assert main(argv[:-4] + ["--zero", "0"]) == 2  # no fine-tuning: bf16 without ZeRO stays refused
+    assert "bf16 needs ZeRO 1 or 2" in capsys.readouterr().err

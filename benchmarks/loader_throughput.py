@@ -236,6 +236,12 @@ def main(argv=None) -> int:
     ap.add_argument("--per-core", action="store_true", help="one worker, rates per CPU-second, full-size vs "
                     "make_shards --resize shards, decoder comparison, cores per GPU (see the module doc)")
     args = ap.parse_args(argv)
+    if args.per_core:  # it downscales the release to each preset's input size, never up
+        for preset in args.presets:
+            size = load_config(preset=preset).model.img_size
+            if size > args.resolution:
+                ap.error(f"--per-core: --resolution ({args.resolution}) is below preset {preset}'s input size "
+                         f"({size} px), which the shards are downscaled to; use at least {size} or other --presets")
 
     from data_tools import make_shards
     from data_tools.mini_taskonomy import generate

@@ -1,4 +1,4 @@
-"""Convert a raw Taskonomy release folder into WebDataset tar shards plus a per-split index.
+r"""Convert a raw Taskonomy release folder into WebDataset tar shards plus a per-split index.
 
 Input:  {root}/{domain}/taskonomy/{building}/point_{p}_view_{v}_domain_{domain}.{png,npy}
         and a split CSV (id,train,val,test; bare-CR line endings as in the release).

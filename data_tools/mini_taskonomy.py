@@ -1,4 +1,4 @@
-"""Generate mini-Taskonomy: a small data set in exactly the Taskonomy release layout and encodings.
+r"""Generate mini-Taskonomy: a small data set in exactly the Taskonomy release layout and encodings.
 
     python -m data_tools.mini_taskonomy --out data/mini_taskonomy
     python -m data_tools.make_shards --root data/mini_taskonomy --split-csv \

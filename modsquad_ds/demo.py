@@ -2,7 +2,7 @@
 processes -> evaluation -> pruned per-task models.
 
 1. generate the mini-Taskonomy in the release layout under ``data_cache/`` if it is absent;
-2. write its train and test splits as WebDataset shards if absent;
+2. write its train, val and test splits as WebDataset shards if absent;
 3. train the tiny preset on all 13 tasks with DeepSpeed (ZeRO-1, fp32) on 2 processes launched by
    torchrun, expert parallelism 2 (each rank holds half of every MoE MLP layer's experts);
 4. evaluate the run on the test split with the paper's metrics, on the same 2 processes;
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     if not (raw / "splits").is_dir():
         run([py, "-m", "data_tools.mini_taskonomy", "--out", str(raw), "--buildings", "8", "--points", "5",
              "--views", "4", "--workers", "2"])
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):  # val: for train.eval_every and the docs' --split val examples
         if not (shards / f"{split}.index.json").is_file():
             run([py, "-m", "data_tools.make_shards", "--root", str(raw), "--split", split,
                  "--split-csv", str(raw / "splits" / "train_val_test_mini.csv"), "--out", str(shards)])

@@ -8,13 +8,19 @@ import json
 import zipfile
 from pathlib import Path
 
+from modsquad_ds.export.reader import RESHARDED, RESHARDED_STATE
 from modsquad_ds.train.checkpoint import ARCHITECTURE, CheckpointError, run_layout
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 
 
 def check_files(folder: Path, expected_expert_files: int = 0) -> None:
-    """Every weight file present and a readable torch archive (zip); raises CheckpointError."""
+    """Every weight file present and a readable torch archive (zip), or a resharded checkpoint's one
+    safetensors file (``python -m modsquad_ds.reshard``, not yet resumed); raises CheckpointError."""
+    if (folder / RESHARDED).is_file():
+        if not (folder / RESHARDED_STATE).is_file():
+            raise CheckpointError(f"checkpoint {folder} is incomplete: {RESHARDED_STATE} is missing")
+        return
     model_file = folder / MODEL_FILE
     if not model_file.is_file():
         raise CheckpointError(f"checkpoint {folder} is incomplete: {MODEL_FILE} is missing")
@@ -55,6 +61,13 @@ def expected_expert_files(cfg) -> int:
 
 def load_weights(engine, folder: Path) -> None:
     """Module-only load of ``folder`` into ``engine`` (a collective); CheckpointError on failure."""
+    if (folder / RESHARDED).is_file():  # each rank takes its share of the one file, as a resume does
+        import torch.distributed as dist
+
+        from modsquad_ds.export.reshard import load_into_engine
+
+        load_into_engine(engine, folder, dist.get_rank() if dist.is_initialized() else 0)
+        return
     try:
         path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_only=True,
                                          load_optimizer_states=False, load_lr_scheduler_states=False)

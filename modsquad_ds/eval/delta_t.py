@@ -1,4 +1,4 @@
-"""Delta_t, the paper's summary of multi-task quality (Sec. 4.1, Table 2), and a Table 2 style
+r"""Delta_t, the paper's summary of multi-task quality (Sec. 4.1, Table 2), and a Table 2 style
 comparison of several evaluated runs.
 
 Per task, the relative change of its main metric against the single-task (STL) baseline, signed so
@@ -71,6 +71,13 @@ def comparison_table(runs: Mapping[str, Mapping], baseline: Mapping, tasks: Sequ
     return "\n".join(rows)
 
 
+def _row_names(paths: Sequence[str]) -> list[str]:
+    """Each file's run folder (eval files live in {run}/eval/), with the file's name where one run
+    gives several files (two checkpoints or splits of one run must not collapse into one row)."""
+    runs = [Path(p).resolve().parent.parent.name for p in paths]
+    return [f"{run} {Path(p).stem}" if runs.count(run) > 1 else run for run, p in zip(runs, paths)]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m modsquad_ds.eval.delta_t", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,8 +89,7 @@ def main(argv=None) -> int:
         baseline = {}
         for path in args.baseline:
             baseline.update(load_metrics(path))
-        # eval files live in {run}/eval/: name each row by its run folder
-        runs = {Path(p).resolve().parent.parent.name: load_metrics(p) for p in args.runs}
+        runs = {name: load_metrics(p) for name, p in zip(_row_names(args.runs), args.runs)}
     except (OSError, ValueError, KeyError) as err:
         print(f"error: cannot read evaluation file: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,8 @@
 """Export: read DeepSpeed checkpoints of any layout, prune per task, write standalone models.
 
-Importing this package registers ``modsquad_task_vit`` with timm.
+Importing this package registers ``modsquad_task_vit`` with timm; ``TaskViT`` is the exported model.
 """
 
-from modsquad_ds.export import task_model as _task_model  # noqa: F401  (timm registration)
+from modsquad_ds.export.task_model import TaskViT  # also registers modsquad_task_vit with timm
+
+__all__ = ["TaskViT"]

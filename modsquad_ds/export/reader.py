@@ -58,6 +58,9 @@ __all__ = ["CheckpointError", "CheckpointWeights", "load_checkpoint_weights", "f
            "MODEL_STATES", "SOURCE_MASTER", "SOURCE_MODULE", "SOURCE_UPCAST"]
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
+RESHARDED = "resharded.json"
+"""Marks a checkpoint ``python -m modsquad_ds.reshard`` wrote; its weights are in RESHARDED_STATE."""
+RESHARDED_STATE = "state.safetensors"
 SOURCE_MASTER = "fp32 master weights from the optimizer files"
 SOURCE_MODULE = "module weights (fp32 run: the master weights)"
 SOURCE_UPCAST = "bf16 module weights upcast to fp32 (no fp32 master weights in the folder)"
@@ -215,6 +218,8 @@ def load_checkpoint_weights(run_dir: Path, step: Optional[int] = None, require_m
         problem = manifest.verify(folder, collective=False)
         if problem:  # a flipped byte in a tensor loads without an error, and would be exported as is
             raise CheckpointError(f"checkpoint {folder} is damaged: {problem}")
+    if (folder / RESHARDED).is_file():
+        return _resharded_weights(folder, cfg)
     states = _load(folder / MODEL_STATES)
     module = states.get("module")
     if not isinstance(module, dict) or not module:
@@ -266,6 +271,26 @@ def load_checkpoint_weights(run_dir: Path, step: Optional[int] = None, require_m
                              step=int(position.get("step", states.get("global_steps", 0))), source=source,
                              folder=folder, usage=dict(states.get("usage") or {}), world_size=world,
                              zero_stage=zero_stage, precision=precision)
+
+
+def _resharded_weights(folder: Path, cfg: RunConfig) -> CheckpointWeights:
+    """A checkpoint ``python -m modsquad_ds.reshard`` wrote, not yet resumed: every weight in one
+    safetensors file, in this reader's naming, fp32 (what the source checkpoint gave the reader)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((folder / RESHARDED).read_text())
+        state = load_file(str(folder / RESHARDED_STATE))
+        layout = json.loads((folder / "layout.json").read_text())
+    except (OSError, ValueError, SafetensorError) as err:
+        raise CheckpointError(f"{folder}: unreadable resharded checkpoint ({type(err).__name__}: {err})") from None
+    model = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    objective = {k[len("objective."):]: v for k, v in state.items() if k.startswith("objective.")}
+    _check_against_config(model, cfg, folder)
+    return CheckpointWeights(model=model, objective=objective, config=cfg, step=int(meta["position"]["step"]),
+                             source=f"{meta['weights']} of {meta['source']}, resharded", folder=folder,
+                             world_size=int(layout["world_size"]))
 
 
 def _take_master(weights: dict[str, torch.Tensor], master: dict[str, torch.Tensor],

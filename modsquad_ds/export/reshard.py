@@ -30,14 +30,14 @@ from typing import Optional
 import torch
 
 from modsquad_ds.config.loader import load_config, save_config
-from modsquad_ds.export.reader import (CheckpointError, MODEL_STATES, _global_expert_name, _load, _zero_files,
-                                       _LOCAL_EXPERT, load_checkpoint_weights)
+from modsquad_ds.export.reader import (CheckpointError, MODEL_STATES, RESHARDED, RESHARDED_STATE, _global_expert_name,
+                                       _load, _zero_files, _LOCAL_EXPERT, load_checkpoint_weights)
 from modsquad_ds.moe.ds_adapter import expert_parallel_layers, reference_key
 from modsquad_ds.train import manifest
 from modsquad_ds.train.checkpoint import TrainPosition, run_layout, tag_for
 
-MARKER = "resharded.json"
-STATE_FILE = "state.safetensors"
+MARKER = RESHARDED
+STATE_FILE = RESHARDED_STATE
 MOMENTS = ("exp_avg", "exp_avg_sq")
 COMMAND = "python -m modsquad_ds.reshard"
 
@@ -113,6 +113,9 @@ def reshard(run: Path, out: Path, world_size: int, ep_size: Optional[int] = None
         # another run's checkpoints would mix with this one's (a live run's even), its config be replaced
         raise CheckpointError(f"--out {out} exists and is not empty: reshard into a new folder")
     weights = load_checkpoint_weights(run, step, require_master=True)
+    if is_resharded(weights.folder):  # its optimizer state is not in DeepSpeed's files
+        raise CheckpointError(f"{weights.folder} was itself written by {COMMAND}: reshard the run it came "
+                              f"from, or resume it first")
     cfg = weights.config
     states = _load(weights.folder / MODEL_STATES)
     old_world = weights.world_size

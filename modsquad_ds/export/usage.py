@@ -20,8 +20,8 @@ from modsquad_ds.train.usage import UsageAccumulator
 
 def training_usage(run_dir: Path, weights: CheckpointWeights) -> tuple[dict[str, dict], str]:
     """(tables, where from). ``run_dir/usage.json`` holds the sums over all ranks as of the newest
-    save, so it is used for the newest checkpoint; an older checkpoint's own tables hold rank 0's
-    share only (each rank checkpoints its own accumulator; DeepSpeed's model-states file is rank 0's)."""
+    save, so it is used for the newest checkpoint; an older checkpoint has its own tables, the sums
+    over all ranks as of its step (the trainer reduces them before saving)."""
     path = Path(run_dir) / "usage.json"
     newest = find_checkpoint(run_dir) == weights.folder
     if newest and path.is_file():
@@ -36,8 +36,8 @@ def training_usage(run_dir: Path, weights: CheckpointWeights) -> tuple[dict[str,
     if weights.usage:
         return ({name: {**t, "counts": torch.as_tensor(t["counts"]).double(), "tokens": torch.as_tensor(t["tokens"]).double()}
                  for name, t in weights.usage.items()},
-                f"training statistics saved in {weights.folder.name}, rank 0's share of the data "
-                f"({weights.world_size} ranks; run_dir/usage.json belongs to a newer checkpoint)")
+                f"training statistics saved in {weights.folder.name}, all {weights.world_size} ranks as of "
+                f"that step (run_dir/usage.json belongs to a newer checkpoint)")
     raise CheckpointError(f"{run_dir}: no training usage statistics (usage.json or the checkpoint's usage "
                           f"tables); use --usage calibration --shards DIR")
 

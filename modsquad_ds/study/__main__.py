@@ -67,8 +67,6 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        os.environ["TQDM_DISABLE"] = "1"
     import torch
 
     pin_deepspeed_accelerator()
@@ -111,7 +109,7 @@ def main(argv=None) -> int:
         spec = RunSpec(method, seed, out / f"seed{seed}" / name,
                        common + ([f"tasks.names=[{task}]"] if task else []))
         t0 = time.perf_counter()
-        data = train_and_evaluate(spec, args.config, args.split)
+        data = train_and_evaluate(spec, args.config, args.split, progress=args.verbose)
         timing = spec.out_dir / "study_seconds.json"
         run_seconds += json.loads(timing.read_text()) if timing.is_file() else 0.0
         merged = results.setdefault(method, {}).setdefault(seed, {"tasks": {}, "usage": {}})

@@ -201,8 +201,10 @@ def build(results: Mapping[str, Mapping[int, dict]], labels: Mapping[str, str], 
                 findings.append(
                     f"Under {labels[m]}, task pairs within a group share {w[0]:.3f} ± {w[1]:.3f} of their experts on "
                     f"the same input, pairs across groups {a[0]:.3f} ± {a[1]:.3f} "
-                    + ("(more, by more than the summed spreads)" if w[0] > a[0] + w[1] + a[1]
+                    + ("(the same)" if w[0] == a[0]
                        else "(less: groups do not share more experts inside than across)" if w[0] < a[0]
+                       else "(more; one seed: no spread to judge the gap by)" if len(seps) < 2
+                       else "(more, by more than the summed spreads)" if w[0] > a[0] + w[1] + a[1]
                        else "(more, but within the spread)")
                     + f"; within 3D {w3[0]:.3f}, within 2D {w2[0]:.3f}. Its three task clusters are {desc}: "
                     + (f"{mixed} of them mix tasks of different groups, so the clusters do not recover the "

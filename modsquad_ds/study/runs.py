@@ -59,9 +59,10 @@ def _settings_changed(saved: Path, cfg) -> bool:
     return comparable(load_config([str(saved)])) != comparable(cfg)
 
 
-def train_and_evaluate(spec: RunSpec, base_config: str, split: str) -> dict:
+def train_and_evaluate(spec: RunSpec, base_config: str, split: str, progress: bool = False) -> dict:
     """Train and evaluate; returns the evaluation JSON, or the existing one of a finished run.
-    The seconds it took go into ``{run}/study_seconds.json`` (the report sums them)."""
+    The seconds it took go into ``{run}/study_seconds.json`` (the report sums them). ``progress``:
+    the training and evaluation progress bars."""
     import time
 
     started = time.perf_counter()
@@ -81,9 +82,9 @@ def train_and_evaluate(spec: RunSpec, base_config: str, split: str) -> dict:
     done = sorted(folder.glob(f"{split}_step_{cfg.train.steps:08d}.json")) if folder.is_dir() else []
     if done and cfg.train.resume:
         return json.loads(done[-1].read_text())
-    Trainer(cfg, ds_config, 0, 1).run()
+    Trainer(cfg, ds_config, 0, 1, progress=progress).run()
     ckpt = find_checkpoint(spec.out_dir)
-    result = evaluate_checkpoint(cfg, ds_config, ckpt, split, 0, 1, progress=False)
+    result = evaluate_checkpoint(cfg, ds_config, ckpt, split, 0, 1, progress=progress)
     path = write_results(spec.out_dir, result, step_of(ckpt), str(ckpt), cfg.tasks.names)
     (spec.out_dir / "study_seconds.json").write_text(json.dumps(time.perf_counter() - started))
     return json.loads(path.read_text())

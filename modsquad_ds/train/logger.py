@@ -22,7 +22,7 @@ def _open_metrics(path: Path, start_step: int):
 
 
 class RunLogger:
-    def __init__(self, out_dir: Path, total_steps: int, start_step: int, enabled: bool):
+    def __init__(self, out_dir: Path, total_steps: int, start_step: int, enabled: bool, progress: bool = True):
         self.enabled = enabled
         self.bar: Optional[tqdm] = None
         self.tb = None
@@ -33,7 +33,8 @@ class RunLogger:
 
         self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
         self.jsonl = _open_metrics(out_dir / "metrics.jsonl", start_step)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not progress)
 
     def step(self, step: int, scalars: Optional[dict[str, float]] = None) -> None:
         if not self.enabled:

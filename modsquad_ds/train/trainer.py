@@ -154,8 +154,10 @@ def _mean_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, flo
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, ds_config: dict, rank: int, world_size: int):
+    def __init__(self, cfg: RunConfig, ds_config: dict, rank: int, world_size: int, progress: bool = True):
+        """``progress``: rank 0's progress bar (the study runs dozens of runs without one)."""
         self.cfg, self.ds_config = cfg, ds_config
+        self.progress = progress
         self.rank, self.world_size = rank, world_size
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -220,7 +222,7 @@ class Trainer:
                 dist.barrier()  # no rank writes before the folder is clean
         # after the resume check: a refused resume must not overwrite the saved run's config
         self._write_run_files()
-        logger = RunLogger(self.out_dir, t.steps, self.position.step, self.rank == 0)
+        logger = RunLogger(self.out_dir, t.steps, self.position.step, self.rank == 0, progress=self.progress)
         for note in notes:
             logger.message(note)
         if self.position.step:

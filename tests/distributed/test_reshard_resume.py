@@ -9,8 +9,10 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
-from _launch import BIN, mini_shards, python, run_ok
+from _launch import BIN, mini_shards, python, run, run_ok
+from modsquad_ds.export.reader import load_checkpoint_weights
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(400)]
 
@@ -38,6 +40,23 @@ def test_reshard_to_one_process_then_resume_continues_the_run(shards, tmp_path):
     assert "resharded checkpoint" in resharded.output
     layout = json.loads((second / "checkpoints" / "step_00000002" / "layout.json").read_text())
     assert layout["world_size"] == 1 and layout["train.ep_size"] == 1 and layout["data.batch_size"] == 4
+
+    # before it is resumed, the resharded checkpoint exports as its source does, and is not resharded again
+    src, dst = load_checkpoint_weights(first), load_checkpoint_weights(second)
+    assert dst.step == 2 and dst.source.endswith("resharded") and dst.world_size == 1
+    assert src.model.keys() == dst.model.keys() and all(torch.equal(src.model[k], dst.model[k]) for k in src.model)
+    assert all(torch.equal(src.objective[k], dst.objective[k]) for k in src.objective)
+    run_ok([python(), "-m", "modsquad_ds.export", "--run", str(second), "--threshold", "1.0"], timeout_s=120)
+    assert len(list((second / "export" / "step_00000002").glob("*.safetensors"))) == 13
+    scores = []
+    for run_dir in (first, second):  # the source's step 2 is its newest checkpoint too; one batching for both
+        run_ok([python(), "-m", "modsquad_ds.evaluate", "--run", str(run_dir), "--split", "train",
+                "--set", "data.batch_size=4"], timeout_s=180)
+        scores.append(json.loads((run_dir / "eval" / "train_step_00000002.json").read_text())["tasks"])
+    assert scores[0] == scores[1]
+    again = run([python(), "-m", "modsquad_ds.reshard", "--run", str(second), "--world-size", "2",
+                 "--out", str(tmp_path / "again")], timeout_s=120)
+    assert again.returncode == 2 and "was itself written by python -m modsquad_ds.reshard" in again.output
 
     result = run_ok([python(), "-m", "modsquad_ds.train", "--config", str(second / "config.yaml")], timeout_s=240)
     assert "resumed from" in result.output and "step_00000002" in result.output

@@ -38,6 +38,7 @@ def _study(data: Path, out: Path, *args: str, tasks: str = TASKS) -> str:
                           "--set", tasks, "--set", "data.batch_size=2", *args],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "train:" not in res.stderr and "eval test:" not in res.stderr  # progress bars only with --verbose
     return res.stdout
 
 
@@ -66,6 +67,9 @@ def test_every_baseline_trains_a_step(data, tmp_path):
     report = (out / "report" / "README.md").read_text()
     for _, label in METHODS.values():
         assert f"| {label} |" in report
+    # one seed: no finding may judge a gap by spreads it does not have
+    assert "one seed: no spread" in report
+    assert not any(claim in report for claim in ("summed spreads", "within the spread", "seeds' spread"))
 
 
 def test_study_two_seeds_report_matches_the_runs(data, tmp_path):

@@ -212,3 +212,9 @@ def test_delta_t_command_merges_per_task_baselines(tmp_path, capsys):
     assert main(["--baseline", files[0], "--baseline", files[1], files[2]]) == 0
     out = capsys.readouterr().out
     assert "| mtl | +25.00 | +50.00 | +0.00 |" in out  # depth RMSE halved: +50 %; accuracy equal: 0
+    # two files of one run (two checkpoints) stay two rows, named by file
+    later = tmp_path / "mtl" / "eval" / "test_step_00000002.json"
+    later.write_text(json.dumps({"tasks": {"depth_zbuffer": {"rmse": 2.0}, "class_object": {"accuracy": 0.5}}}))
+    assert main(["--baseline", files[0], "--baseline", files[1], files[2], str(later)]) == 0
+    out = capsys.readouterr().out
+    assert "| mtl test_step_00000001 | +25.00 |" in out and "| mtl test_step_00000002 | +0.00 |" in out

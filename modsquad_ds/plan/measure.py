@@ -20,6 +20,7 @@ bytes of every distinct storage autograd saves for backward during one forward.
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -105,6 +106,9 @@ def measure_step(cfg, micro_batch: int, zero: int = 1, dtype: str = "fp32") -> M
     gc.collect()
     if _on_cuda():
         return _measure_cuda(cfg, batch, micro_batch, zero, dtype)
+    # kineto's own log lines (profiler start/stop, "gpuGetDeviceCount failed" on a machine without a
+    # GPU) say nothing about the measurement; its level is read when the profiler first starts
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         engine = _engine(cfg, zero, dtype, micro_batch)
         engine.train()

@@ -77,13 +77,13 @@ def count_params(cfg) -> ParamCounts:
     finally:
         torch.set_default_dtype(default)
     trains = trainable_names(module, cfg.finetune.mode)
-    counts = {(expert, frozen): 0 for expert in (False, True) for frozen in (False, True)}
+    n = {"dense": 0, "mlp_experts": 0, "frozen_dense": 0, "frozen_experts": 0}
     for name, p in module.named_parameters():
-        # MoEMlp's MLPExperts hold the weights expert parallelism shards
-        counts[".experts.experts." in name, name not in trains] += p.numel()
-    return ParamCounts(dense=counts[False, False] + counts[False, True],
-                       mlp_experts=counts[True, False] + counts[True, True],
-                       frozen_dense=counts[False, True], frozen_experts=counts[True, True])
+        kind = "mlp_experts" if ".experts.experts." in name else "dense"  # MoEMlp's MLPExperts: what ep shards
+        n[kind] += p.numel()
+        if name not in trains:
+            n["frozen_" + kind.removeprefix("mlp_")] += p.numel()
+    return ParamCounts(**n)
 
 
 def _without_pretrained(cfg):
@@ -216,9 +216,14 @@ def activation_bytes_per_image(cfg, dtype: str = "fp32", capacity_factor: float 
     outside = 3 * s.img ** 2 * a * wg           # the image, saved by the patch-embedding convolution
     outside += rows * (d * a + 2 * f) + heads   # final norm: input, stats; the heads
     if cfg.model.grad_checkpointing:  # each block keeps its input; backward recomputes one block at a time
-        inputs = sum((n if b < s.first_block else rows) * d * a for b in range(first, len(s.kinds)))
+        inputs = sum(_rows(s, b) * d * a for b in range(first, len(s.kinds)))
         return outside + inputs + max(blocks, default=0)
     return outside + sum(blocks)
+
+
+def _rows(s: Shapes, b: int) -> int:
+    """Token rows of one image in block ``b``: the shared prefix runs once, later blocks per task slot."""
+    return s.tokens if b < s.first_block else s.tasks * s.tokens
 
 
 def _forward_working_set(cfg, s: Shapes, a: int, capacity_factor: float, ep_size: int, device: str) -> float:
@@ -229,7 +234,7 @@ def _forward_working_set(cfg, s: Shapes, a: int, capacity_factor: float, ep_size
     d = s.dim
     most = 0.0
     for b, (moe_attn, moe_mlp) in enumerate(s.kinds):
-        r = s.tokens if b < s.first_block else s.tasks * s.tokens
+        r = _rows(s, b)
         if moe_attn:
             k, h = s.attn_k, s.attn_h
             attn = r * k * (d + 2 * h) + r * 2 * h
@@ -254,7 +259,7 @@ def _block_bytes(cfg, s: Shapes, a: int, b: int, wg: bool, capacity_factor: floa
     f, i64 = 4, 8
     moe_attn, moe_mlp = s.kinds[b]
     d = s.dim
-    r = s.tokens if b < s.first_block else s.tasks * s.tokens
+    r = _rows(s, b)
     noisy = cfg.moe.router_noise
     router_keeps_input = a == f  # the gate's matmul saves its input itself in fp32, an fp32 copy otherwise
     # LayerNorm 1 and 2: input (a), mean and rstd (fp32); the normed outputs are saved by the next linear

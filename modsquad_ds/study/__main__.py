@@ -1,7 +1,7 @@
 """Reproduce the paper's claims in miniature: train the baselines and Mod-Squad on the mini-Taskonomy,
 evaluate them, and write a markdown report with tables and PNG figures.
 
-    python -m modsquad_ds.study                                  # default budget: 18.8 min on a busy 2-core machine
+    python -m modsquad_ds.study                                  # default budget: ~3 min on 2 idle cores
     python -m modsquad_ds.study --steps 600 --seeds 0 1 2        # a bigger budget
     python -m modsquad_ds.study --methods stl mtl modsquad --steps 20 --seeds 0 --out runs/quick
 

@@ -41,7 +41,6 @@ def param_names(cfg) -> list[list[str]]:
     from modsquad_ds.moe.ds_adapter.convert import replace_module
     from modsquad_ds.moe.layer import MoEMlp
     from modsquad_ds.train.module import TrainModule
-    from modsquad_ds.train.trainer import NO_DECAY
 
     model = ModSquadViT(cfg.model, cfg.moe, cfg.tasks.names)
     # convert_to_expert_parallel without its process groups: only names and order matter here
@@ -55,7 +54,7 @@ def param_names(cfg) -> list[list[str]]:
         freeze(module, cfg.finetune.mode)
     names = {id(p): n for n, p in module.named_parameters()}
     local = {path: layer.num_local_experts for path, layer in expert_parallel_layers(module)}
-    ordered = [names[id(p)] for group in moe_param_groups(module, cfg.train.weight_decay, NO_DECAY)
+    ordered = [names[id(p)] for group in moe_param_groups(module, cfg.train.weight_decay, module.no_weight_decay())
                for p in group["params"]]
 
     def on_rank(name: str, ep_rank: int) -> str:  # local expert id -> global

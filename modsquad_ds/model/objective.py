@@ -62,6 +62,11 @@ class MultiTaskObjective(nn.Module):
         self.weighting = (UncertaintyWeighting(names) if cfg.loss.task_weighting == "uncertainty"
                           else FixedWeighting(names, cfg.loss.task_weights))
 
+    def no_weight_decay(self) -> set[str]:
+        """The learned task weights' log variances: decay would pull every task's weight towards 1/2
+        (timm's hook, as the model's)."""
+        return {f"weighting.{n}" for n, _ in self.weighting.named_parameters()}
+
     def task_losses(self, out: ModelOutput, batch: Mapping) -> dict[str, torch.Tensor]:
         masks = batch.get("masks", {})
         return {name: task_loss(get_task(name).loss, pred, batch["targets"][name], masks.get(name))

@@ -93,6 +93,12 @@ class ModSquadViT(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay (timm's hook, which its optimizer factory reads too): the
+        positional, class-token and task embeddings, whose pull towards zero would fade position and
+        task signals rather than regularise; 1-D weights (biases, norms) are left out by the optimizer."""
+        return {"pos_embed", "cls_token", "task_embed"}
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's switch: recompute every block in backward (``model.grad_checkpointing``)."""
         self.grad_checkpointing = enable

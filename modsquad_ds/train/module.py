@@ -39,6 +39,11 @@ class TrainModule(nn.Module):
         self.objective = objective
         self.reduce_table = reduce_table
 
+    def no_weight_decay(self) -> set[str]:
+        """Names (of this module's parameters) that AdamW must not decay: the model's and the objective's."""
+        return ({f"model.{n}" for n in self.model.no_weight_decay()}
+                | {f"objective.{n}" for n in self.objective.no_weight_decay()})
+
     def forward(self, batch: Mapping) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[RoutingStats]]:
         weight = next(self.model.parameters())
         batch = to_device(batch, weight.device)

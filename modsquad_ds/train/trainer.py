@@ -37,10 +37,6 @@ from modsquad_ds.train.skips import SkipTally
 from modsquad_ds.train.start_over import set_aside_earlier_run
 from modsquad_ds.train.usage import UsageAccumulator, plot_usage, write_usage
 
-# Embeddings, norms and biases take no weight decay (as timm / DeiT train ViTs).
-NO_DECAY = ("pos_embed", "cls_token", "task_embed", "log_vars")
-
-
 class NonFiniteLoss(RuntimeError):
     """Every rank raises it together (the finite check is a collective decision)."""
 
@@ -96,7 +92,8 @@ def build_engine(cfg: RunConfig, ds_config: dict, *, source_weights: bool = True
         from modsquad_ds.finetune import freeze
 
         module.freeze_report = freeze(module, cfg.finetune.mode)  # before the optimizer sees the params
-    optimizer = torch.optim.AdamW(moe_param_groups(module, cfg.train.weight_decay, NO_DECAY), lr=cfg.train.lr)
+    optimizer = torch.optim.AdamW(moe_param_groups(module, cfg.train.weight_decay, module.no_weight_decay()),
+                                  lr=cfg.train.lr)
     t = cfg.train
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.steps, t.warmup_steps, t.lr, t.min_lr))
     engine, _, _, _ = deepspeed.initialize(args=engine_args(), model=module, optimizer=optimizer,

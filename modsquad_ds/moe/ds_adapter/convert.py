@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from deepspeed.utils import groups
 
 from modsquad_ds.moe.ds_adapter.layer import ExpertParallelMoEMlp
 from modsquad_ds.moe.layer import MoEMlp
@@ -79,7 +78,7 @@ def _gather_expert_states(layer: ExpertParallelMoEMlp) -> dict[int, dict[str, to
              for g, m in zip(layer.global_expert_ids(), layer.local_experts)}
     if layer.ep_size == 1:
         return local
-    group = groups._get_expert_parallel_group(layer.expert_group_name)
+    group = layer.ep_group
     keys = list(next(iter(local.values())).keys())
     flat = torch.cat([local[g][k].reshape(-1) for g in sorted(local) for k in keys])
     parts = [torch.empty_like(flat) for _ in range(layer.ep_size)]

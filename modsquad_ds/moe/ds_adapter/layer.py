@@ -16,10 +16,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
-from deepspeed.utils import groups
 from timm.layers import Mlp
 
 from modsquad_ds.moe import kernels
@@ -99,10 +99,19 @@ class ExpertParallelMoEMlp(MoE):
         return self.deepspeed_moe.experts.deepspeed_experts
 
     @property
+    def ep_group(self):
+        """This layer's expert-parallel process group: the one DeepSpeed hands the layer in
+        ``set_deepspeed_parallelism`` (None in one process), used instead of its private registry."""
+        return self.deepspeed_moe.ep_group
+
+    @property
     def ep_rank(self) -> int:
         if self.ep_size == 1:
             return 0
-        return groups._get_expert_parallel_rank(self.expert_group_name)
+        if self.ep_group is None:
+            raise RuntimeError("ExpertParallelMoEMlp with ep_size > 1: call set_deepspeed_parallelism first "
+                               "(convert_to_expert_parallel does)")
+        return dist.get_rank(group=self.ep_group)
 
     def global_expert_ids(self) -> list[int]:
         first = self.ep_rank * self.num_local_experts

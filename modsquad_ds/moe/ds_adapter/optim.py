@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
-from deepspeed.utils import groups
+
+from modsquad_ds.moe.ds_adapter.convert import expert_parallel_layers
 
 
 def moe_param_groups(model: nn.Module, weight_decay: float = 0.0,
@@ -65,12 +66,13 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, eps: float = 1e-6) -> to
         else:
             dense_sq += sq
     total_sq = dense_sq
+    ep_groups = {layer.expert_group_name: layer.ep_group for _, layer in expert_parallel_layers(module)}
     for group_name in sorted(expert_sq):
         # after DeepSpeed's reduction an expert's gradient is identical on its expert-data-parallel
         # replicas; the ranks of one expert-parallel group hold different experts: sum over those.
         part = expert_sq[group_name]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(part, group=groups._get_expert_parallel_group(group_name))
+        if ep_groups.get(group_name) is not None:  # None in one process
+            dist.all_reduce(part, group=ep_groups[group_name])
         total_sq = total_sq + part
     total = total_sq.sqrt().float()
     if max_norm > 0:

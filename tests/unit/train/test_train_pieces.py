@@ -211,3 +211,25 @@ def test_usage_of_a_task_without_tokens_is_zero_and_checkpointed_tables_restore(
     assert torch.equal(got["counts"], saved["counts"]) and torch.equal(got["tokens"], saved["tokens"])
     assert (nothing["kind"], nothing["top_k"]) == ("mlp", 2)
     assert not nothing["counts"].any() and not nothing["tokens"].any() and nothing["counts"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("weighting", ["uncertainty", "fixed"])
+def test_weight_decay_spares_what_the_modules_name_and_every_1d_weight(weighting):
+    """The optimizer groups as the trainer builds them: the model and the objective name their
+    no-decay parameters (timm's no_weight_decay hook); biases and norm weights are 1-D and spared too."""
+    from modsquad_ds.model.factory import build_model
+    from modsquad_ds.model.objective import MultiTaskObjective
+    from modsquad_ds.moe.ds_adapter import moe_param_groups
+    from modsquad_ds.train.module import TrainModule
+
+    cfg = load_config(preset="tiny", overrides=[f"loss.task_weighting={weighting}"])
+    module = TrainModule(build_model(cfg), MultiTaskObjective(cfg), None)
+    name_of = {id(p): n for n, p in module.named_parameters()}
+    decay = {wd: set() for wd in (0.0, 0.05)}
+    for group in moe_param_groups(module, 0.05, module.no_weight_decay()):  # dense and expert groups
+        decay[group["weight_decay"]].update(name_of[id(p)] for p in group["params"])
+    named = dict(module.named_parameters())
+    expected = {"model.pos_embed", "model.cls_token", "model.task_embed"} | (
+        {"objective.weighting.log_vars"} if weighting == "uncertainty" else set())
+    assert decay[0.0] == expected | {n for n, p in named.items() if p.ndim <= 1}
+    assert decay[0.05] == set(named) - decay[0.0]

@@ -21,17 +21,22 @@ PROBE = """
 import json, sys
 from modsquad_ds.config import load_config
 from modsquad_ds.distributed.bootstrap import init_distributed
+from modsquad_ds.finetune.source import zero_stage
 from modsquad_ds.plan.measure import measure_step
 from modsquad_ds.plan.memory import activation_bytes, count_params, peak_bytes, state_bytes
 init_distributed(heartbeat_timeout_s=0)
 out = []
-for preset, micro, zero, dtype in [("small", 2, 1, "bf16"), ("small", 2, 2, "fp32"), ("base", 2, 1, "bf16")]:
-    cfg = load_config(preset=preset)
+ROUTERS = ["finetune.mode=routers", "finetune.init_from=runs/source"]  # measured without the source's weights
+for preset, micro, zero, dtype, overrides in [("small", 2, 1, "bf16", []), ("small", 2, 2, "fp32", []),
+                                              ("base", 2, 1, "bf16", []), ("small", 2, 1, "bf16", ROUTERS)]:
+    cfg = load_config(preset=preset, overrides=overrides)
+    zero = zero_stage(cfg, zero)  # router fine-tuning runs at ZeRO 0
     state = state_bytes(count_params(cfg), world=1, ep_size=1, zero=zero, dtype=dtype)
     acts = activation_bytes(cfg, micro, dtype)
     m = measure_step(cfg, micro, zero, dtype)
-    out.append({"case": f"{preset} b{micro} ZeRO {zero} {dtype}", "predicted": peak_bytes(state, acts),
-                "measured": m.peak_bytes, "acts": acts, "measured_acts": m.saved_activation_bytes})
+    out.append({"case": f"{preset} b{micro} ZeRO {zero} {dtype} {' '.join(overrides)}",
+                "predicted": peak_bytes(state, acts), "measured": m.peak_bytes, "acts": acts,
+                "measured_acts": m.saved_activation_bytes})
 print("RESULT " + json.dumps(out))
 """
 

@@ -36,8 +36,6 @@ from modsquad_ds.moe.ds_adapter import expert_parallel_layers, reference_key
 from modsquad_ds.train import manifest
 from modsquad_ds.train.checkpoint import TrainPosition, run_layout, tag_for
 
-MARKER = RESHARDED
-STATE_FILE = RESHARDED_STATE
 MOMENTS = ("exp_avg", "exp_avg_sq")
 COMMAND = "python -m modsquad_ds.reshard"
 
@@ -168,8 +166,8 @@ def reshard(run: Path, out: Path, world_size: int, ep_size: Optional[int] = None
     partial.mkdir()
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial / STATE_FILE))
-    (partial / MARKER).write_text(json.dumps(meta, indent=1))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial / RESHARDED_STATE))
+    (partial / RESHARDED).write_text(json.dumps(meta, indent=1))
     # no ZeRO stage or precision: a resharded checkpoint loads into any engine (load_into_engine)
     layout = run_layout(new_cfg, world_size)
     (partial / "layout.json").write_text(json.dumps({**layout, **dataclasses.asdict(position)}, indent=1))
@@ -186,7 +184,7 @@ def reshard(run: Path, out: Path, world_size: int, ep_size: Optional[int] = None
 
 
 def is_resharded(folder: Path) -> bool:
-    return (Path(folder) / MARKER).is_file()
+    return (Path(folder) / RESHARDED).is_file()
 
 
 @torch.no_grad()
@@ -196,8 +194,8 @@ def load_into_engine(engine, folder: Path, rank: int) -> tuple[TrainPosition, di
     state at ZeRO 0), the schedule and counters into the engine. Returns (position, client extras)."""
     from safetensors.torch import load_file
 
-    meta = json.loads((Path(folder) / MARKER).read_text())
-    state = load_file(str(Path(folder) / STATE_FILE))
+    meta = json.loads((Path(folder) / RESHARDED).read_text())
+    state = load_file(str(Path(folder) / RESHARDED_STATE))
     global_ids = {path: layer.global_expert_ids() for path, layer in expert_parallel_layers(engine.module)}
     optimizer = engine.optimizer
     # ZeRO 1/2 optimizer's flat fp32 partitions; DeepSpeed's BF16_Optimizer names them otherwise

@@ -169,10 +169,10 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
     zero = zero_stage(cfg, args.zero)  # fine-tuning modes routers and heads train at ZeRO 0
-    if zero == 0 and args.dtype == "bf16" and not cfg.finetune.enabled:
+    params = count_params(cfg)
+    if zero == 0 and args.dtype == "bf16" and params.frozen_experts < params.mlp_experts:  # experts train
         print("error: bf16 needs ZeRO 1 or 2 (ds_configs has no zero0_bf16: see docs/launchers.md)", file=sys.stderr)
         return 2
-    params = count_params(cfg)
     trains = (f"; {params.trainable / 1e6:.2f}M train (finetune.mode {cfg.finetune.mode})"
               if params.trainable < params.total else "")
     print(f"{cfg.preset}: {params.total / 1e6:.1f}M parameters ({params.mlp_experts / 1e6:.1f}M in MLP experts, "

@@ -37,6 +37,7 @@ from modsquad_ds.train.skips import SkipTally
 from modsquad_ds.train.start_over import set_aside_earlier_run
 from modsquad_ds.train.usage import UsageAccumulator, plot_usage, write_usage
 
+
 class NonFiniteLoss(RuntimeError):
     """Every rank raises it together (the finite check is a collective decision)."""
 

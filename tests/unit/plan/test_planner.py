@@ -157,5 +157,6 @@ def test_fine_tuning_plans_at_the_stage_it_trains_at(capsys):
     out = capsys.readouterr().out
     assert "ZeRO 0, bf16" in out and "finetune.mode routers: ZeRO stage 2 -> 0" in out
     assert "M train (finetune.mode routers)" in out
-    assert main(argv[:-4] + ["--zero", "0"]) == 2  # no fine-tuning: bf16 without ZeRO stays refused
-    assert "bf16 needs ZeRO 1 or 2" in capsys.readouterr().err
+    for training_experts in (argv[:-4], argv[:-4] + ["--set", "finetune.mode=all"] + argv[-2:]):
+        assert main(training_experts + ["--zero", "0"]) == 2  # bf16 without ZeRO stays refused
+        assert "bf16 needs ZeRO 1 or 2" in capsys.readouterr().err

@@ -1,12 +1,18 @@
-"""Rank-0 run logging: a progress bar, TensorBoard scalars and a JSON-lines metrics file."""
+"""Rank-0 run logging: progress on the terminal or in a log file, TensorBoard scalars and a
+JSON-lines metrics file."""
 
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 from tqdm import tqdm
+
+LINE_EVERY_S = 30.0
+"""Progress written to a log file (a Slurm job's output, a redirected run): one line at most this often."""
 
 
 def _open_metrics(path: Path, start_step: int):
@@ -22,7 +28,13 @@ def _open_metrics(path: Path, start_step: int):
 
 
 class RunLogger:
-    def __init__(self, out_dir: Path, total_steps: int, start_step: int, enabled: bool, progress: bool = True):
+    """``progress``: show it at all. On a terminal it is a live bar; into a file (not a TTY) a live
+    bar is a carriage return per update, one ever-growing line (10 updates a second for days on a
+    cluster), so there it is a plain line at logged steps, at most every ``LINE_EVERY_S`` seconds and
+    at the last step: step, loss, images/s, learning rate and time left."""
+
+    def __init__(self, out_dir: Path, total_steps: int, start_step: int, enabled: bool, progress: bool = True,
+                 interactive: Optional[bool] = None, line_every_s: float = LINE_EVERY_S):
         self.enabled = enabled
         self.bar: Optional[tqdm] = None
         self.tb = None
@@ -33,19 +45,41 @@ class RunLogger:
 
         self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
         self.jsonl = _open_metrics(out_dir / "metrics.jsonl", start_step)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                        disable=not progress)
+        interactive = sys.stderr.isatty() if interactive is None else interactive
+        if progress and interactive:
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.lines = progress and not interactive
+        self.total, self.start_step, self.line_every_s = total_steps, start_step, line_every_s
+        self.started = self.last_line = time.monotonic()
+        self.lines_written = 0
 
     def step(self, step: int, scalars: Optional[dict[str, float]] = None) -> None:
         if not self.enabled:
             return
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.update(1)
         if scalars:
             for key, value in scalars.items():
                 self.tb.add_scalar(key, value, step)
             self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
             self.jsonl.flush()
-            self.bar.set_postfix(loss=f"{scalars.get('loss/total', float('nan')):.4f}")
+            loss = scalars.get("loss/total", float("nan"))
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}")
+            now = time.monotonic()
+            due = not self.lines_written or now - self.last_line >= self.line_every_s or step >= self.total
+            if self.lines and due:
+                self._line(step, loss, scalars, now)
+
+    def _line(self, step: int, loss: float, scalars: dict[str, float], now: float) -> None:
+        done = step - self.start_step
+        left = (now - self.started) / done * (self.total - step) if done > 0 else float("nan")
+        eta = time.strftime("%H:%M:%S", time.gmtime(left)) if left == left else "?"
+        days = f"{int(left // 86400)}d " if left == left and left >= 86400 else ""
+        print(f"train: step {step}/{self.total} ({100 * step / max(self.total, 1):.1f}%), loss {loss:.4f}, "
+              f"{scalars.get('perf/images_per_s', float('nan')):.1f} images/s, lr {scalars.get('lr', float('nan')):.3g}, "
+              f"{days}{eta} left", file=sys.stderr, flush=True)
+        self.last_line, self.lines_written = now, self.lines_written + 1
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -53,6 +87,7 @@ class RunLogger:
 
     def close(self) -> None:
         if self.enabled:
-            self.bar.close()
+            if self.bar is not None:
+                self.bar.close()
             self.tb.close()
             self.jsonl.close()

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError
-from tqdm import tqdm
 
 from modsquad_ds.config.schema import ConfigError
 from modsquad_ds.data import decode
@@ -37,6 +36,7 @@ from modsquad_ds.data.classes import default_keep
 from modsquad_ds.data.encode import colorize, encode_pixel, png_bytes
 from modsquad_ds.data.tasks import get_task
 from modsquad_ds.data.transforms import resize_image
+from modsquad_ds.progress import track
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 Predictor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
@@ -176,7 +176,7 @@ def predict(model: Path, images: list[Path], out: Path, device: str = "cpu", bat
     names_out = dict(zip(files, output_names(files)))
     predictor, names, size, keep = load_predictor(model, dev, tasks, step)
     done = Predictions()
-    for start in tqdm(range(0, len(files), batch_size), desc="predict", disable=not progress):
+    for start in track(range(0, len(files), batch_size), desc="predict", unit="batch", enabled=progress):
         loaded = []
         for path in files[start:start + batch_size]:
             try:

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 from modsquad_ds.distributed.collectives import all_reduce_tensor
 from modsquad_ds.eval.data import eval_loader
 from modsquad_ds.eval.metrics import MetricSums
 from modsquad_ds.eval.similarity import summarize
 from modsquad_ds.eval.usage import RouteRecorder
+from modsquad_ds.progress import track
 
 
 @dataclass
@@ -59,8 +59,7 @@ def evaluate_model(model, cfg, split: str, rank: int = 0, world_size: int = 1,
     corrupt = 0
     try:
         with RouteRecorder(model, names) as recorder:
-            for batch in tqdm(loader, total=loader.n_batches, desc=f"eval {split}", unit="batch",
-                              disable=not progress, dynamic_ncols=True):
+            for batch in track(loader, total=loader.n_batches, desc=f"eval {split}", unit="batch", enabled=progress):
                 weight = batch.pop("weight")
                 corrupt += int(batch.pop("corrupt"))
                 recorder.sample_weight = weight.to(device, non_blocking=True)

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 from modsquad_ds.export.reader import CheckpointError, CheckpointWeights, find_checkpoint
+from modsquad_ds.progress import track
 from modsquad_ds.train.usage import UsageAccumulator
 
 
@@ -61,7 +61,7 @@ def calibration_usage(model: torch.nn.Module, cfg, shards: str, split: str, max_
     acc = UsageAccumulator(cfg.tasks.names)
     model.eval()
     images = 0
-    for i, batch in enumerate(tqdm(loader, total=total, desc="calibration", disable=not progress)):
+    for i, batch in enumerate(track(loader, total=total, desc="calibration", unit="batch", enabled=progress)):
         if i >= total:
             break
         acc.add(model(batch["image"]).routing)

@@ -11,8 +11,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-LINE_EVERY_S = 30.0
-"""Progress written to a log file (a Slurm job's output, a redirected run): one line at most this often."""
+from modsquad_ds.progress import LINE_EVERY_S, time_left
 
 
 def _open_metrics(path: Path, start_step: int):
@@ -72,13 +71,10 @@ class RunLogger:
                 self._line(step, loss, scalars, now)
 
     def _line(self, step: int, loss: float, scalars: dict[str, float], now: float) -> None:
-        done = step - self.start_step
-        left = (now - self.started) / done * (self.total - step) if done > 0 else float("nan")
-        eta = time.strftime("%H:%M:%S", time.gmtime(left)) if left == left else "?"
-        days = f"{int(left // 86400)}d " if left == left and left >= 86400 else ""
+        left = time_left(step - self.start_step, self.total - self.start_step, now - self.started)
         print(f"train: step {step}/{self.total} ({100 * step / max(self.total, 1):.1f}%), loss {loss:.4f}, "
               f"{scalars.get('perf/images_per_s', float('nan')):.1f} images/s, lr {scalars.get('lr', float('nan')):.3g}, "
-              f"{days}{eta} left", file=sys.stderr, flush=True)
+              f"{left} left", file=sys.stderr, flush=True)
         self.last_line, self.lines_written = now, self.lines_written + 1
 
     def message(self, text: str) -> None:

@@ -1,4 +1,4 @@
-"""Progress where the run's output goes: plain lines in a log file (a Slurm job's output), not a
+"""Progress where the output goes: plain lines in a log file (a Slurm job's output), not a
 live bar's carriage returns; metrics and TensorBoard whatever the progress setting."""
 
 import json
@@ -40,3 +40,24 @@ def test_no_progress_writes_nothing_but_keeps_the_metrics(tmp_path, capsys, inte
     _run(tmp_path, progress=False, interactive=interactive)
     assert capsys.readouterr().err == ""
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_a_loop_into_a_file_reports_in_lines_and_yields_every_item(capsys):
+    from modsquad_ds.progress import track
+
+    assert list(track(range(10), desc="eval test", total=10, unit="batch", interactive=False, every_s=3600)) == list(range(10))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("eval test: 10/10 batch (100.0%), ") and lines[0].endswith(" left")
+    assert list(track(range(4), desc="predict", interactive=False, every_s=0)) == [0, 1, 2, 3]
+    assert [line.split(",")[0] for line in capsys.readouterr().err.splitlines()] == [f"predict: {n} it" for n in (1, 2, 3, 4)]
+    items = [1, 2]
+    assert track(items, desc="x", enabled=False) is items and capsys.readouterr().err == ""
+
+
+def test_time_left_by_hand():
+    from modsquad_ds.progress import time_left
+
+    assert time_left(0, 3, 5.0) == "?"
+    assert time_left(1, 3, 10.0) == "00:00:20"           # 10 s per item, 2 to go
+    assert time_left(1, 3, 50_000.0) == "1d 03:46:40"    # 100,000 s
+    assert time_left(3, 3, 7.0) == "00:00:00"

@@ -8,8 +8,7 @@ import json
 import zipfile
 from pathlib import Path
 
-from modsquad_ds.export.reader import RESHARDED, RESHARDED_STATE
-from modsquad_ds.train.checkpoint import ARCHITECTURE, CheckpointError, run_layout
+from modsquad_ds.train.checkpoint import ARCHITECTURE, RESHARDED_STATE, CheckpointError, is_resharded, run_layout
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 
@@ -17,7 +16,7 @@ MODEL_FILE = "mp_rank_00_model_states.pt"
 def check_files(folder: Path, expected_expert_files: int = 0) -> None:
     """Every weight file present and a readable torch archive (zip), or a resharded checkpoint's one
     safetensors file (``python -m modsquad_ds.reshard``, not yet resumed); raises CheckpointError."""
-    if (folder / RESHARDED).is_file():
+    if is_resharded(folder):
         if not (folder / RESHARDED_STATE).is_file():
             raise CheckpointError(f"checkpoint {folder} is incomplete: {RESHARDED_STATE} is missing")
         return
@@ -61,7 +60,7 @@ def expected_expert_files(cfg) -> int:
 
 def load_weights(engine, folder: Path) -> None:
     """Module-only load of ``folder`` into ``engine`` (a collective); CheckpointError on failure."""
-    if (folder / RESHARDED).is_file():  # each rank takes its share of the one file, as a resume does
+    if is_resharded(folder):  # each rank takes its share of the one file, as a resume does
         import torch.distributed as dist
 
         from modsquad_ds.export.reshard import load_into_engine

@@ -52,15 +52,12 @@ from modsquad_ds.config.loader import load_config
 from modsquad_ds.config.schema import ConfigError, RunConfig
 from modsquad_ds.moe.ds_adapter import expert_checkpoint_name, reference_key
 from modsquad_ds.train import manifest
-from modsquad_ds.train.checkpoint import CheckpointError, find_checkpoint
+from modsquad_ds.train.checkpoint import RESHARDED, RESHARDED_STATE, CheckpointError, find_checkpoint, is_resharded
 
 __all__ = ["CheckpointError", "CheckpointWeights", "load_checkpoint_weights", "find_checkpoint",
            "MODEL_STATES", "SOURCE_MASTER", "SOURCE_MODULE", "SOURCE_UPCAST"]
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
-RESHARDED = "resharded.json"
-"""Marks a checkpoint ``python -m modsquad_ds.reshard`` wrote; its weights are in RESHARDED_STATE."""
-RESHARDED_STATE = "state.safetensors"
 SOURCE_MASTER = "fp32 master weights from the optimizer files"
 SOURCE_MODULE = "module weights (fp32 run: the master weights)"
 SOURCE_UPCAST = "bf16 module weights upcast to fp32 (no fp32 master weights in the folder)"
@@ -218,7 +215,7 @@ def load_checkpoint_weights(run_dir: Path, step: Optional[int] = None, require_m
         problem = manifest.verify(folder, collective=False)
         if problem:  # a flipped byte in a tensor loads without an error, and would be exported as is
             raise CheckpointError(f"checkpoint {folder} is damaged: {problem}")
-    if (folder / RESHARDED).is_file():
+    if is_resharded(folder):
         return _resharded_weights(folder, cfg)
     states = _load(folder / MODEL_STATES)
     module = states.get("module")

@@ -30,11 +30,11 @@ from typing import Optional
 import torch
 
 from modsquad_ds.config.loader import load_config, save_config
-from modsquad_ds.export.reader import (CheckpointError, MODEL_STATES, RESHARDED, RESHARDED_STATE, _global_expert_name,
-                                       _load, _zero_files, _LOCAL_EXPERT, load_checkpoint_weights)
+from modsquad_ds.export.reader import (CheckpointError, MODEL_STATES, _global_expert_name, _load, _zero_files,
+                                       _LOCAL_EXPERT, load_checkpoint_weights)
 from modsquad_ds.moe.ds_adapter import expert_parallel_layers, reference_key
 from modsquad_ds.train import manifest
-from modsquad_ds.train.checkpoint import TrainPosition, run_layout, tag_for
+from modsquad_ds.train.checkpoint import RESHARDED, RESHARDED_STATE, TrainPosition, is_resharded, run_layout, tag_for
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 COMMAND = "python -m modsquad_ds.reshard"
@@ -181,10 +181,6 @@ def reshard(run: Path, out: Path, world_size: int, ep_size: Optional[int] = None
     if usage_json.is_file():
         shutil.copyfile(usage_json, out / "usage.json")
     return final
-
-
-def is_resharded(folder: Path) -> bool:
-    return (Path(folder) / RESHARDED).is_file()
 
 
 @torch.no_grad()

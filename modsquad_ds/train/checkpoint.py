@@ -76,6 +76,17 @@ class CheckpointError(ConfigError):
         super().__init__("", message)
 
 
+RESHARDED = "resharded.json"
+"""Marks a checkpoint ``python -m modsquad_ds.reshard`` wrote; its weights are in RESHARDED_STATE."""
+RESHARDED_STATE = "state.safetensors"
+
+
+def is_resharded(folder: Path) -> bool:
+    """Written by ``python -m modsquad_ds.reshard`` and not resumed yet: no DeepSpeed files, one
+    layout-free safetensors file (export/reshard.py)."""
+    return (Path(folder) / RESHARDED).is_file()
+
+
 def find_checkpoint(run_dir: Path, step: Optional[int] = None) -> Path:
     """The complete checkpoint folder of ``run_dir`` at ``step`` (None: the one ``latest`` names, else
     the newest complete one). Folders still being written (``.partial-*``) are never chosen."""
@@ -280,7 +291,7 @@ def load_latest(engine, root: Path, layout: dict,
     check_layout(folder, layout)
     tag = folder.name
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if (folder / "resharded.json").is_file():  # written by python -m modsquad_ds.reshard
+    if is_resharded(folder):
         from modsquad_ds.export.reshard import load_into_engine
 
         return load_into_engine(engine, folder, rank)

@@ -153,7 +153,8 @@ def _mean_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, flo
 
 class Trainer:
     def __init__(self, cfg: RunConfig, ds_config: dict, rank: int, world_size: int, progress: bool = True):
-        """``progress``: rank 0's progress bar (the study runs dozens of runs without one)."""
+        """``progress``: rank 0's progress, a bar or lines (train/logger.py; the study runs dozens of
+        runs without it)."""
         self.cfg, self.ds_config = cfg, ds_config
         self.progress = progress
         self.rank, self.world_size = rank, world_size

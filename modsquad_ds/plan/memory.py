@@ -154,6 +154,7 @@ class Shapes:
     attn_h: int
     mlp_k: int
     mlp_e: int
+    mlp_expert_hidden: int  # one MLP expert's hidden width (moe.mlp.expert_dim, default hidden / top-k)
     img: int
     first_block: int
     head_out: int  # sum over tasks of the head's outputs per image (pixels x channels or classes)
@@ -174,8 +175,8 @@ def shapes(cfg) -> Shapes:
     return Shapes(tasks=len(cfg.tasks.names), tokens=grid * grid + 1, dim=m.embed_dim, mlp_hidden=m.mlp_hidden,
                   heads=m.num_heads, kinds=block_kinds(m.depth, moe), attn_k=moe.attn.top_k,
                   attn_e=moe.attn.num_experts, attn_h=moe.attn.resolved_dim(m.embed_dim), mlp_k=moe.mlp.top_k,
-                  mlp_e=moe.mlp.num_experts, img=m.img_size, first_block=moe.first_block, head_out=head_out,
-                  pixel_tasks=pixel_tasks)
+                  mlp_e=moe.mlp.num_experts, mlp_expert_hidden=moe.mlp.resolved_dim(m.mlp_hidden), img=m.img_size,
+                  first_block=moe.first_block, head_out=head_out, pixel_tasks=pixel_tasks)
 
 
 def activation_bytes_per_image(cfg, dtype: str = "fp32", capacity_factor: float = 1.0, ep_size: int = 1,
@@ -242,7 +243,7 @@ def _forward_working_set(cfg, s: Shapes, a: int, capacity_factor: float, ep_size
             attn = r * 5 * d  # q, k, v, SDPA output, projection
         if moe_mlp:
             k = s.mlp_k
-            h = s.mlp_hidden // k if cfg.moe.mlp.expert_dim is None else cfg.moe.mlp.expert_dim
+            h = s.mlp_expert_hidden
             buf = r * k * (1.0 if ep_size == 1 else capacity_factor)
             # moe/cpu_mlp.py: fc1 outputs and expert outputs; else also the token copies and the GELU's output
             mlp = buf * (h + d) * (1 if ep_size == 1 and device == "cpu" else 2)
@@ -282,7 +283,7 @@ def _block_bytes(cfg, s: Shapes, a: int, b: int, wg: bool, capacity_factor: floa
         block += r * s.heads * f                # SDPA's logsumexp
     if moe_mlp:
         k = s.mlp_k
-        h = s.mlp_hidden // k if cfg.moe.mlp.expert_dim is None else cfg.moe.mlp.expert_dim
+        h = s.mlp_expert_hidden
         local = ep_size == 1                    # dropless dispatch, else DeepSpeed's (E, C, D) buffer
         buf = r * k * (1.0 if local else capacity_factor)
         block += _router(r, d, s.mlp_e, k, a, noisy)
@@ -309,7 +310,7 @@ def expert_weight_copies(cfg, dtype: str = "fp32", ep_size: int = 1, device: str
     if (ep_size == 1 and device == "cpu") or cfg.finetune.mode == "heads":  # heads: no gradient reaches them
         return 0.0
     s = shapes(cfg)
-    h = s.mlp_hidden // s.mlp_k if cfg.moe.mlp.expert_dim is None else cfg.moe.mlp.expert_dim
+    h = s.mlp_expert_hidden
     layers = 1 if cfg.model.grad_checkpointing else sum(1 for _attn, mlp in s.kinds if mlp)
     return layers * 2 * (s.mlp_e // ep_size) * s.dim * h * DTYPE_BYTES[dtype]
 

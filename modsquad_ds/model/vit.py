@@ -129,7 +129,12 @@ class ModSquadViT(nn.Module):
             ids_T = tasks.to(device=device, dtype=torch.long)
             return [self.task_names[i] for i in ids_T.tolist()], ids_T
         ids = [self.task_names.index(t) if isinstance(t, str) else int(t) for t in tasks]
-        return [self.task_names[i] for i in ids], torch.tensor(ids, dtype=torch.long, device=device)
+        # torch.tensor(ids, device=cuda) would wait for the GPU's queued work (a blocking copy) in
+        # every forward of predict and export; from pinned memory the copy just joins the queue
+        ids_T = torch.tensor(ids, dtype=torch.long)
+        if device.type == "cuda":
+            ids_T = ids_T.pin_memory()
+        return [self.task_names[i] for i in ids], ids_T.to(device, non_blocking=True)
 
     def embed(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         """Task-independent prefix: patches, class token, positions, dense blocks before MoE."""

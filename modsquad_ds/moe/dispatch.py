@@ -18,6 +18,7 @@ scatter on CPUs, and no ``(N, K, D)`` temporary (at ViT-S shapes on CPU the disp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +43,10 @@ class DispatchPlan:
     num_tokens: int
     top_k: int
 
-    @property
+    @cached_property
     def counts(self) -> list[int]:
-        """Slots per expert on the host. A device-to-host sync: only the per-expert loop needs it."""
+        """Slots per expert on the host. A device-to-host sync: only the per-expert loop needs it, and
+        reads it once per layer (a layer's projections share the plan: MoA's query and output)."""
         return self.counts_E.tolist()
 
 

@@ -47,11 +47,16 @@ def _probe_grouped(device_type: str, device_index: int | None, dtype: torch.dtyp
         return False
     if torch.cuda.get_device_capability(device_index) < (9, 0):
         return False
-    try:  # a tiny call, so that a build without the kernel falls back instead of failing mid-step
+    # A tiny call, so that a build without the kernel falls back instead of failing mid-step. Its
+    # offsets [4, 8] are made on the device (no blocking copy: the probe may run inside a step that
+    # must not sync). Out of memory says nothing about the kernel: raised, and nothing is cached.
+    try:
         a = torch.zeros(8, 16, device=torch.device(device_type, device_index), dtype=dtype)
         b = torch.zeros(2, 16, 16, device=a.device, dtype=dtype)
-        F.grouped_mm(a, b, offs=torch.tensor([4, 8], device=a.device, dtype=torch.int32))
+        F.grouped_mm(a, b, offs=torch.arange(4, 9, 4, device=a.device, dtype=torch.int32))
         return True
+    except torch.cuda.OutOfMemoryError:
+        raise
     except (RuntimeError, NotImplementedError):
         return False
 

@@ -6,6 +6,8 @@ GPU (``.item()``, ``.tolist()``, ``.cpu()``, ``nonzero``, a read-back inside a k
 Warm-up first: the first step may sync while it sets up cuBLAS handles and caches.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -14,6 +16,8 @@ from modsquad_ds.data.synthetic import synthetic_batch
 from modsquad_ds.model import build_model
 from modsquad_ds.model.objective import MultiTaskObjective
 from modsquad_ds.moe.ds_adapter import convert_to_expert_parallel
+from modsquad_ds.moe import MoEAttention, MoEMlp, kernels
+from modsquad_ds.moe.ds_adapter import ExpertParallelMoEMlp
 from modsquad_ds.moe.kernels import grouped_supported, set_kernel
 from modsquad_ds.train.module import TrainModule, to_device
 
@@ -44,3 +48,67 @@ def test_a_bf16_training_step_never_waits_for_the_gpu(checkpointing, as_trained)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item() and all(torch.isfinite(v).all().item() for v in stats.values())
+
+
+def _fused_or_skip() -> None:
+    if not grouped_supported("cuda", torch.cuda.current_device(), torch.bfloat16):
+        pytest.skip("the grouped kernel (sm90+, bf16) is the sync-free one; the loop reads the counts")
+
+
+def test_a_forward_on_named_tasks_never_waits_for_the_gpu():
+    """predict and the exported models select tasks by name: the ids reach the GPU in the queue, not
+    by a blocking copy (torch.tensor(ids, device=cuda) waited for all queued work, every forward)."""
+    _fused_or_skip()
+    cfg = load_config(preset="tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg).to("cuda", torch.bfloat16).eval()
+    images = torch.randn(2, 3, cfg.model.img_size, cfg.model.img_size, device="cuda", dtype=torch.bfloat16)
+    names = list(cfg.tasks.names[:2])
+    with torch.no_grad():
+        model(images, names)  # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = model(images, names)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert sorted(out.preds) == sorted(names) and all(torch.isfinite(p).all().item() for p in out.preds.values())
+
+
+def test_the_grouped_kernel_probe_never_waits_for_the_gpu(monkeypatch):
+    """The probe may run first inside a step that must not sync; an error there (the sync detector's
+    included) would have switched the process to the loop kernel for good."""
+    _fused_or_skip()
+    monkeypatch.setattr(kernels, "_PROBED", {})
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        supported = kernels.grouped_supported("cuda", torch.cuda.current_device(), torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert supported, "the probe (or grouped_mm itself) synced, and was taken for a missing kernel"
+
+
+@pytest.mark.parametrize("as_trained", [True, False], ids=["trainer_model", "single_process_model"])
+def test_the_loop_kernel_waits_once_per_moe_layer(as_trained):
+    """fp32 (or a GPU before sm90) runs the loop kernel, which reads the counts: one sync per layer."""
+    cfg = load_config(preset="tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    if as_trained:
+        convert_to_expert_parallel(model, ep_size=1)
+    model = model.cuda()
+    set_kernel(model, "loop")
+    layers = sum(isinstance(m, (MoEAttention, MoEMlp, ExpertParallelMoEMlp)) for m in model.modules())
+    images = torch.randn(2, 3, cfg.model.img_size, cfg.model.img_size, device="cuda")
+    model(images)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+    assert layers > 0 and len(syncs) == layers

@@ -70,3 +70,32 @@ def test_the_loop_kernel_reads_the_counts_and_meta_catches_it():
     cfg, module = _meta_module("loop")
     with pytest.raises((RuntimeError, NotImplementedError)):
         module(_batch(cfg))
+
+
+@pytest.mark.parametrize("as_trained", [True, False], ids=["trainer_model", "single_process_model"])
+def test_the_loop_kernel_reads_the_counts_once_per_layer(monkeypatch, as_trained):
+    """Where the loop runs on a GPU (fp32, or before sm90) each read of the counts is a host sync: one
+    per MoE layer, shared by its projections (MoA's query and output, an MLP's fc1 and fc2). On the
+    CPU the general path (the one GPUs run) is taken with moe/cpu_mlp.py's one-pass path off."""
+    from modsquad_ds.moe import MoEAttention, MoEMlp, cpu_mlp
+    from modsquad_ds.moe.ds_adapter import ExpertParallelMoEMlp
+
+    cfg = load_config(preset="tiny")
+    model = build_model(cfg)
+    if as_trained:
+        convert_to_expert_parallel(model, ep_size=1)
+    set_kernel(model, "loop")
+    monkeypatch.setattr(cpu_mlp, "fusable", lambda expert, x: False)
+    layers = sum(isinstance(m, (MoEAttention, MoEMlp, ExpertParallelMoEMlp)) for m in model.modules())
+    experts = {cfg.moe.attn.num_experts, cfg.moe.mlp.num_experts}
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def counting(t):
+        if t.dim() == 1 and t.dtype == torch.long and len(t) in experts:
+            reads.append(len(t))
+        return tolist(t)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    model(torch.randn(2, 3, cfg.model.img_size, cfg.model.img_size))
+    assert layers > 0 and len(reads) == layers

@@ -24,8 +24,6 @@ def test_cuda_evaluation_equals_cpu(tmp_path):
                              "--no-progress", "--workers", "1"]) == 0
     cfg = load_config(["configs/demo.yaml"], [f"data.shards_dir={tmp_path / 'shards'}", "data.batch_size=3",
                                               "data.workers=0"])
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
     cpu_model = build_model(cfg)
     gpu_model = copy.deepcopy(cpu_model).cuda()

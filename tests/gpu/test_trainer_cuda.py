@@ -15,7 +15,7 @@ One more launch is a rank that sees one GPU under another local rank (``srun --g
 gives local rank 3 a single device, 0): it must train there, not ask for ``cuda:3``.
 
 The launches are independent single-GPU runs, so they go up to ``PARALLEL`` at a time (the GPU and
-its 16 cores hold them easily): the GPU check has minutes, not the quarter of an hour the 18
+its 16 cores hold them easily): the GPU check has minutes, not the quarter of an hour the 20
 launches take one after another. Each prints its exit status as it ends (run with ``-s``, as
 benchmarks/gpu_check.sh does, a run cut at its deadline still says which launches finished).
 """

@@ -15,9 +15,8 @@ from modsquad_ds.config import load_config
 from modsquad_ds.data.synthetic import synthetic_batch
 from modsquad_ds.model import build_model
 from modsquad_ds.model.objective import MultiTaskObjective
-from modsquad_ds.moe.ds_adapter import convert_to_expert_parallel
 from modsquad_ds.moe import MoEAttention, MoEMlp, kernels
-from modsquad_ds.moe.ds_adapter import ExpertParallelMoEMlp
+from modsquad_ds.moe.ds_adapter import ExpertParallelMoEMlp, convert_to_expert_parallel
 from modsquad_ds.moe.kernels import grouped_supported, set_kernel
 from modsquad_ds.train.module import TrainModule, to_device
 

@@ -130,7 +130,7 @@ class ModSquadViT(nn.Module):
             return [self.task_names[i] for i in ids_T.tolist()], ids_T
         ids = [self.task_names.index(t) if isinstance(t, str) else int(t) for t in tasks]
         # torch.tensor(ids, device=cuda) would wait for the GPU's queued work (a blocking copy) in
-        # every forward of predict and export; from pinned memory the copy just joins the queue
+        # every forward of predict (a run's full model); from pinned memory the copy just joins the queue
         ids_T = torch.tensor(ids, dtype=torch.long)
         if device.type == "cuda":
             ids_T = ids_T.pin_memory()

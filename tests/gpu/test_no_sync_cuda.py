@@ -55,8 +55,9 @@ def _fused_or_skip() -> None:
 
 
 def test_a_forward_on_named_tasks_never_waits_for_the_gpu():
-    """predict and the exported models select tasks by name: the ids reach the GPU in the queue, not
-    by a blocking copy (torch.tensor(ids, device=cuda) waited for all queued work, every forward)."""
+    """predict (on a run's full model) and benchmarks/export_speed.py select tasks by name: the ids
+    reach the GPU in the queue, not by a blocking copy (torch.tensor(ids, device=cuda) waited for
+    all queued work, every forward)."""
     _fused_or_skip()
     cfg = load_config(preset="tiny")
     torch.manual_seed(0)

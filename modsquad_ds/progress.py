@@ -22,9 +22,15 @@ def track(items: Iterable[T], *, desc: str, total: Optional[int] = None, unit: s
     overrides the check), else plain lines; nothing when not ``enabled``."""
     if not enabled:
         return items
-    if sys.stderr.isatty() if interactive is None else interactive:
+    if on_terminal(interactive):
         return tqdm(items, total=total, desc=desc, unit=unit, dynamic_ncols=True)
     return _lines(items, desc, total, unit, every_s)
+
+
+def on_terminal(interactive: Optional[bool] = None) -> bool:
+    """Whether progress goes to a terminal (a live bar) rather than a file (plain lines): stderr is a
+    TTY, unless ``interactive`` says otherwise."""
+    return sys.stderr.isatty() if interactive is None else interactive
 
 
 def _lines(items: Iterable[T], desc: str, total: Optional[int], unit: str, every_s: float) -> Iterator[T]:

@@ -11,7 +11,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from modsquad_ds.progress import LINE_EVERY_S, time_left
+from modsquad_ds.progress import LINE_EVERY_S, on_terminal, time_left
 
 
 def _open_metrics(path: Path, start_step: int):
@@ -44,7 +44,7 @@ class RunLogger:
 
         self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
         self.jsonl = _open_metrics(out_dir / "metrics.jsonl", start_step)
-        interactive = sys.stderr.isatty() if interactive is None else interactive
+        interactive = on_terminal(interactive)
         if progress and interactive:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         self.lines = progress and not interactive

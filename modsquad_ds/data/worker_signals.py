@@ -115,11 +115,19 @@ def kill_workers(batches) -> None:
 def _end_workers() -> None:
     """At interpreter exit, kill the workers still alive: they ignore the SIGTERM that
     multiprocessing's own exit hook would end them with before joining them. atexit runs hooks
-    last-in first-out, and multiprocessing.util registered its hook when it was imported above."""
-    workers = list(_workers)
+    last-in first-out, and multiprocessing.util registered its hook when it was imported above.
+
+    A DataLoader iterator still alive still watches its workers (torch's SIGCHLD handler): each kill
+    would be reported as a crash, a traceback ending "DataLoader worker (pid ...) is killed by signal:
+    Killed" printed after the program's last line. At exit nothing is left to report to, so the
+    handler goes first, as in kill_workers (the default action for SIGCHLD still lets join reap)."""
+    workers = [p for p in _workers if p.is_alive()]
+    if not workers:
+        return
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers; atexit runs there
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for p in workers:
-        if p.is_alive():
-            p.kill()
+        p.kill()
     for p in workers:
         p.join(timeout=5)
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 
 from modsquad_ds.moe import cpu_mlp, kernels
+from modsquad_ds.moe.amp import autocast_enabled
 from modsquad_ds.moe.dispatch import DispatchPlan, combine, dispatch
 
 
@@ -87,7 +88,7 @@ def expert_linear(x_SI: torch.Tensor, p: DispatchPlan, w_EOI: torch.Tensor, b_EO
     of row s, rows sorted by expert. ``w_EOI`` stacks the experts' weights in ``nn.Linear``'s
     (out, in) layout; a transposed view of an (E, in, out) parameter does too, without a copy."""
     device_type = x_SI.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if autocast_enabled(device_type):
         # Autocast does not reach inside a custom autograd Function, nor grouped_mm: cast here as it
         # would cast a matmul (inputs and weights to the autocast dtype; the casts are differentiable).
         # One cast of the stacked weights, not one per expert: a step used to launch ~1,500 casts.

@@ -24,14 +24,10 @@ import traceback
 from multiprocessing.connection import Connection, wait
 from typing import Callable, Iterator, Sequence, TypeVar
 
-from modsquad_ds.data.worker_signals import starting_workers, worker_init
+from modsquad_ds.data.worker_signals import FORK, starting_workers, worker_init
 
 J = TypeVar("J")
 R = TypeVar("R")
-
-# Forked: the workers must start with the parent's signal mask (see worker_signals), which a
-# spawned or forkserver child does not inherit (forkserver is Python 3.14's default on Linux).
-_FORK = multiprocessing.get_context("fork")
 
 
 class WorkerFailed(RuntimeError):
@@ -53,8 +49,8 @@ def imap_unordered(fn: Callable[[J], R], jobs: Sequence[J], workers: int, setup:
     try:
         with starting_workers():
             for _ in range(min(workers, len(jobs))):
-                ours, theirs = _FORK.Pipe()
-                proc = _FORK.Process(target=_work, args=(theirs, os.getpid(), fn, setup), daemon=True)
+                ours, theirs = FORK.Pipe()
+                proc = FORK.Process(target=_work, args=(theirs, os.getpid(), fn, setup), daemon=True)
                 proc.start()
                 theirs.close()
                 procs.append(proc)

@@ -29,7 +29,7 @@ from modsquad_ds.data.sample import SampleProcessor
 from modsquad_ds.data.shard_index import index_path, load_index
 from modsquad_ds.data.subset import subset_positions, subset_shards
 from modsquad_ds.data.wds_pipeline import ShardStream
-from modsquad_ds.data.worker_signals import kill_workers, starting_workers, worker_init
+from modsquad_ds.data.worker_signals import FORK, kill_workers, starting_workers, worker_init
 
 log = logging.getLogger("modsquad_ds.data")
 
@@ -100,7 +100,8 @@ def _dataloader(dataset, cfg, **kw) -> DataLoader:
     generator = torch.Generator().manual_seed(_seed(cfg))
     return DataLoader(dataset, num_workers=w, prefetch_factor=cfg.data.prefetch_factor if w else None,
                       persistent_workers=False, pin_memory=torch.cuda.is_available(), generator=generator,
-                      worker_init_fn=functools.partial(worker_init, os.getpid()) if w else None, **kw)
+                      worker_init_fn=functools.partial(worker_init, os.getpid()) if w else None,
+                      multiprocessing_context=FORK if w else None, **kw)
 
 
 def _check_start(start_batch: int, n: int) -> None:

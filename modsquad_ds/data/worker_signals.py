@@ -48,6 +48,12 @@ from typing import Iterator
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
+FORK = multiprocessing.get_context("fork")
+"""How every worker of ours starts, whatever the default: forked from the rank, so that it inherits
+the signal mask (starting_workers) and its parent is the rank (worker_init's check, the parent-death
+signal). Python 3.14 makes forkserver the default on Linux: a forkserver child's parent is the
+server, so every loader worker exited at once ("DataLoader worker (pid(s) ...) exited unexpectedly")."""
+
 
 def _set_parent_death_signal(sig: int) -> bool:
     if not sys.platform.startswith("linux"):

@@ -26,6 +26,7 @@ from modsquad_ds.data.raw_reader import RawFolderDataset, split_buildings
 from modsquad_ds.data.sample import SampleError, collate
 from modsquad_ds.data.shard_index import index_path, load_index
 from modsquad_ds.data.tar_reader import Corrupt, read_span
+from modsquad_ds.data.worker_signals import FORK
 
 
 def split_size(cfg, split: str) -> int:
@@ -136,7 +137,8 @@ def eval_loader(cfg, split: str, rank: int, world_size: int, max_samples: Option
     stream = EvalStream(cfg, split, rank, world_size, max_samples)
     w = min(cfg.data.workers, stream.n_batches)
     loader = DataLoader(stream, batch_size=None, num_workers=w,
-                        prefetch_factor=cfg.data.prefetch_factor if w else None)
+                        prefetch_factor=cfg.data.prefetch_factor if w else None,
+                        multiprocessing_context=FORK if w else None)  # as training's, whatever the default
     loader.n_batches = stream.n_batches  # type: ignore[attr-defined]
     loader.total = stream.total  # type: ignore[attr-defined]
     loader.split_total = stream.split_total  # type: ignore[attr-defined]

@@ -378,3 +378,30 @@ def test_a_program_ending_mid_epoch_exits_and_ends_its_workers(all_shards):
     assert len(workers) == 2
     for pid in workers:  # killed and reaped by the program, so no such process any more
         assert not Path(f"/proc/{pid}").exists(), f"worker {pid} outlived its program"
+
+
+UNDER_FORKSERVER = """
+import multiprocessing, sys
+multiprocessing.set_start_method("forkserver")  # Python 3.14's default on Linux
+sys.path.insert(0, {helpers!r})
+from data_helpers import cfg_for
+from modsquad_ds.data.loader import build_train_loader
+
+print(sum(1 for _ in build_train_loader(cfg_for({shards!r}, batch_size=2, workers=2), 0, 1, epoch=0)))
+"""
+
+
+def test_workers_are_forked_whatever_the_default_start_method(all_shards):
+    """Python 3.14 starts processes with a forkserver by default on Linux. A forkserver child's parent
+    is the server, not the rank: worker_init took it for an orphan and every worker exited at once
+    ("DataLoader worker (pid(s) ...) exited unexpectedly"). The loader forks its workers itself."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = UNDER_FORKSERVER.format(helpers=str(Path(__file__).parent), shards=str(all_shards))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout) == 15  # the 30 samples in batches of 2

@@ -21,12 +21,16 @@ from modsquad_ds.moe.kernels import grouped_supported, set_kernel
 from modsquad_ds.train.module import TrainModule, to_device
 
 
+def _fused_or_skip() -> None:
+    if not grouped_supported("cuda", torch.cuda.current_device(), torch.bfloat16):
+        pytest.skip("the grouped kernel (sm90+, bf16) is the sync-free one; the loop reads the counts")
+
+
 @pytest.mark.parametrize("as_trained", [True, False], ids=["trainer_model", "single_process_model"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad_checkpointing"])
 def test_a_bf16_training_step_never_waits_for_the_gpu(checkpointing, as_trained):
+    _fused_or_skip()
     device = torch.device("cuda")
-    if not grouped_supported("cuda", device.index, torch.bfloat16):
-        pytest.skip("the grouped kernel (sm90+, bf16) is the sync-free one; the loop reads the counts")
     overrides = ["model.grad_checkpointing=true"] if checkpointing else []
     cfg = load_config(preset="tiny", overrides=overrides)
     torch.manual_seed(0)
@@ -47,11 +51,6 @@ def test_a_bf16_training_step_never_waits_for_the_gpu(checkpointing, as_trained)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item() and all(torch.isfinite(v).all().item() for v in stats.values())
-
-
-def _fused_or_skip() -> None:
-    if not grouped_supported("cuda", torch.cuda.current_device(), torch.bfloat16):
-        pytest.skip("the grouped kernel (sm90+, bf16) is the sync-free one; the loop reads the counts")
 
 
 def test_a_forward_on_named_tasks_never_waits_for_the_gpu():

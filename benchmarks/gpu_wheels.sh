@@ -23,6 +23,9 @@ deepspeed=$(printf '%s\n' "${pins[@]}" | grep -i '^deepspeed==')
 DS_BUILD_OPS=0 "$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$OUT" "$deepspeed" 2>/dev/null \
     || DS_BUILD_OPS=0 "$PY" -m pip wheel --quiet --no-deps -w "$OUT" "$deepspeed"
 others=$(printf '%s\n' "${pins[@]}" | grep -vi '^deepspeed==')
+# Not a dependency, so not in constraints.txt: NVML's bindings, which cluster images often have and
+# which turn on DeepSpeed's NVML path (tests/gpu/test_trainer_cuda.py names a GPU by UUID through it).
+others+=" nvidia-ml-py==13.615.71"
 # shellcheck disable=SC2086
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --abi cp312 --abi abi3 --abi none --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \

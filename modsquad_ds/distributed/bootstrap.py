@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from modsquad_ds.distributed import env as launch_env
+from modsquad_ds.distributed.accelerator import free_memory_from_cuda
 from modsquad_ds.distributed.env import LaunchEnv
 from modsquad_ds.distributed.parallel import ParallelDims
 from modsquad_ds.distributed.watchdog import Heartbeat
@@ -145,6 +146,7 @@ def init_distributed(launch: Optional[LaunchEnv] = None, *, timeout_s: float = 6
         # NCCL never notices a dead peer by itself: tear the process down when the watchdog sees a
         # timed-out or failed collective instead of leaving it blocked (torch's 1 = TearDown).
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        free_memory_from_cuda(accel)  # a GPU named by UUID in CUDA_VISIBLE_DEVICES broke ZeRO's NVML query
         device = torch.device("cuda", gpu)
     else:
         device = torch.device("cpu")

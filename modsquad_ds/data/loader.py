@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from modsquad_ds.data.corrupt import CorruptCounter
+from modsquad_ds.data.packed import pack, unpacked
 from modsquad_ds.data.plan import batches_per_rank
 from modsquad_ds.data.raw_reader import RankBatchSampler, RawFolderDataset, collate_with_events, split_buildings
 from modsquad_ds.data.sample import SampleProcessor
@@ -64,6 +65,7 @@ class EpochLoader:
         batches, self._started = self.start()._started, None
         try:
             for batch in batches:
+                batch = unpacked(batch)
                 for shard, key, reason, detail in batch.pop("_corrupt", ()):
                     self.counter.add(shard, key, reason, detail)
                 yield batch
@@ -92,8 +94,10 @@ def _seed(cfg) -> int:
     return cfg.data.seed if cfg.data.seed is not None else cfg.seed
 
 
-def _dataloader(dataset, cfg, **kw) -> DataLoader:
+def _dataloader(dataset, cfg, collate_fn=None, **kw) -> DataLoader:
     w = cfg.data.workers
+    if w:  # each batch leaves its worker as one block of shared memory (data/packed.py)
+        collate_fn = functools.partial(_packed, collate_fn)
     # A generator of its own: DataLoader otherwise draws its worker base seed from the global torch
     # RNG, which would shift the router-noise stream whenever a loader is (re)built, and resumed
     # runs would no longer equal uninterrupted ones.
@@ -101,7 +105,12 @@ def _dataloader(dataset, cfg, **kw) -> DataLoader:
     return DataLoader(dataset, num_workers=w, prefetch_factor=cfg.data.prefetch_factor if w else None,
                       persistent_workers=False, pin_memory=torch.cuda.is_available(), generator=generator,
                       worker_init_fn=functools.partial(worker_init, os.getpid()) if w else None,
-                      multiprocessing_context=FORK if w else None, **kw)
+                      multiprocessing_context=FORK if w else None, collate_fn=collate_fn, **kw)
+
+
+def _packed(collate, item):
+    """In a worker: the batch (``collate``'s of ``item``, or ``item`` itself) packed."""
+    return pack(collate(item) if collate is not None else item)
 
 
 def _check_start(start_batch: int, n: int) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from modsquad_ds.data.loader import _processor
+from modsquad_ds.data.packed import pack
 from modsquad_ds.data.plan import spans_for_range, worker_batches
 from modsquad_ds.data.raw_reader import RawFolderDataset, split_buildings
 from modsquad_ds.data.sample import SampleError, collate
@@ -138,6 +139,7 @@ def eval_loader(cfg, split: str, rank: int, world_size: int, max_samples: Option
     w = min(cfg.data.workers, stream.n_batches)
     loader = DataLoader(stream, batch_size=None, num_workers=w,
                         prefetch_factor=cfg.data.prefetch_factor if w else None,
+                        collate_fn=pack if w else None,  # one shared-memory block per batch, as training's
                         multiprocessing_context=FORK if w else None)  # as training's, whatever the default
     loader.n_batches = stream.n_batches  # type: ignore[attr-defined]
     loader.total = stream.total  # type: ignore[attr-defined]

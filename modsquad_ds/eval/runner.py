@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from modsquad_ds.data.packed import unpacked
 from modsquad_ds.distributed.collectives import all_reduce_tensor
 from modsquad_ds.eval.data import eval_loader
 from modsquad_ds.eval.metrics import MetricSums
@@ -60,6 +61,7 @@ def evaluate_model(model, cfg, split: str, rank: int = 0, world_size: int = 1,
     try:
         with RouteRecorder(model, names) as recorder:
             for batch in track(loader, total=loader.n_batches, desc=f"eval {split}", unit="batch", enabled=progress):
+                batch = unpacked(batch)
                 weight = batch.pop("weight")
                 corrupt += int(batch.pop("corrupt"))
                 recorder.sample_weight = weight.to(device, non_blocking=True)

@@ -58,7 +58,7 @@ def _close(a, b, path=""):
 
 
 def test_two_ranks_expert_parallel_equal_one_process(trained):
-    one = _eval([python()], trained)
+    one = _eval([python()], trained, "--set", "data.workers=2")  # batches from workers, packed (data/packed.py)
     assert one["samples"] == 9  # every test view once: 9 = 5 + 4 on two ranks, padded to 2 batches of 4 each
     two = _eval([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"], trained, "--set", "train.ep_size=2")
     assert two["samples"] == 9

@@ -14,6 +14,7 @@ and where CUDA is present the pin thread pins one block instead of 21 tensors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -73,10 +74,7 @@ def unpacked(batch: Any) -> Any:
 
 
 def _view(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> torch.Tensor:
-    count = 1
-    for n in shape:
-        count *= n
-    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     return buffer[offset:offset + nbytes].view(dtype).view(shape)
 
 

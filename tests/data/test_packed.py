@@ -80,7 +80,7 @@ class _Batches(IterableDataset):
 
 
 def test_a_worker_packs_into_shared_memory_and_the_batch_arrives_whole():
-    loader = DataLoader(_Batches(), batch_size=None, num_workers=2, collate_fn=pack)
+    loader = DataLoader(_Batches(), batch_size=None, num_workers=2, collate_fn=pack, multiprocessing_context="fork")
     arrived = [b for b in loader]
     assert len(arrived) == 6 and all(isinstance(b, PackedBatch) and b.buffer.is_shared() for b in arrived)
     for b in arrived:

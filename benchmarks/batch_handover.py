@@ -27,12 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import one_line_errors, positive  # noqa: E402
+from _cli import add_run_config_args, load_run_config, one_line_errors, positive  # noqa: E402
 
-from modsquad_ds.config import load_config  # noqa: E402
 from modsquad_ds.data import loader as loader_module  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def handover_ms(cfg, epoch: int, step_ms: float, packed: bool) -> list[float]:
@@ -59,19 +56,14 @@ def handover_ms(cfg, epoch: int, step_ms: float, packed: bool) -> list[float]:
 @one_line_errors
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.yaml", help="the run config (default configs/demo.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config overrides (data.shards_dir, data.batch_size, data.workers, ...)")
+    add_run_config_args(parser, "config overrides (data.shards_dir, data.batch_size, data.workers, ...)")
     parser.add_argument("--epochs", type=positive, default=4, help="epochs per variant (default 4)")
     parser.add_argument("--step-ms", type=float, default=60.0,
                         help="the consumer's time between batches, in ms (default 60)")
     args = parser.parse_args(argv)
-    cfg = load_config([ROOT / args.config], args.overrides)
+    cfg = load_run_config(args, "batch_handover")
     if cfg.data.workers < 1:
         sys.exit("batch_handover: data.workers must be >= 1 (without workers nothing is handed over)")
-    if cfg.data.source == "shards" and not (ROOT / cfg.data.shards_dir / f"{cfg.data.train_split}.index.json").is_file():
-        sys.exit(f"batch_handover: no shards at {cfg.data.shards_dir} (make demo writes the demo's; "
-                 "or --set data.shards_dir=DIR)")
     print(f"torch {torch.__version__}; {args.config} {' '.join(args.overrides)}; batch {cfg.data.batch_size}, "
           f"{cfg.model.img_size} px, {cfg.data.workers} workers, {args.step_ms:g} ms between batches, "
           f"{args.epochs} epochs each")

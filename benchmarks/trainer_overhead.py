@@ -31,17 +31,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cli import one_line_errors, positive  # noqa: E402
+from _cli import ROOT, add_run_config_args, load_run_config, one_line_errors, positive  # noqa: E402
 from train_step import Variant, _peak_bytes, _step_batched, _sync  # noqa: E402
 
-from modsquad_ds.config import load_config  # noqa: E402
 from modsquad_ds.data.loader import build_train_loader  # noqa: E402
 from modsquad_ds.distributed.ds_config import ds_config_for_run  # noqa: E402
 from modsquad_ds.model import build_dense_peer, build_model  # noqa: E402
 from modsquad_ds.model.objective import MultiTaskObjective  # noqa: E402
 from modsquad_ds.train.module import to_device  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def loader_rate(cfg, batches: int) -> float:
@@ -93,16 +91,11 @@ def trainer_rate(config: str, overrides: list[str], steps: int) -> dict:
 @one_line_errors
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo.yaml", help="the run config (default configs/demo.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config overrides, for the trainer and the plain step alike")
+    add_run_config_args(parser, "config overrides, for the trainer and the plain step alike")
     parser.add_argument("--steps", type=positive, default=None, help="timed steps (default 10 CPU, 30 CUDA)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-    cfg = load_config([ROOT / args.config], args.overrides)
-    if cfg.data.source == "shards" and not (ROOT / cfg.data.shards_dir / f"{cfg.data.train_split}.index.json").is_file():
-        sys.exit(f"trainer_overhead: no shards at {cfg.data.shards_dir} (make demo writes the demo's; "
-                 "or --set data.shards_dir=DIR)")
+    cfg = load_run_config(args, "trainer_overhead")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = args.steps or (30 if device.type == "cuda" else 10)
     bf16 = device.type == "cuda" and ds_config_for_run(cfg).get("bf16", {}).get("enabled", False)

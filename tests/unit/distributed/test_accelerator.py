@@ -19,13 +19,12 @@ def test_follows_the_machine_and_keeps_a_user_choice(monkeypatch):
     assert pin_deepspeed_accelerator() == "xpu"
 
 
-def test_deepspeed_cannot_map_a_gpu_named_by_uuid_to_nvml():
+def test_deepspeed_cannot_map_a_gpu_named_by_uuid_to_nvml(monkeypatch):
     """Why the accelerator is changed: the mapping DeepSpeed's NVML query uses parses integers only.
     When a DeepSpeed upgrade fixes it (its pull request 8510), this fails: the change can go."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("CUDA_VISIBLE_DEVICES", UUID)
-        with pytest.raises(ValueError, match="invalid literal for int"):
-            CUDA_Accelerator()._get_nvml_gpu_id(0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", UUID)
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        CUDA_Accelerator()._get_nvml_gpu_id(0)
 
 
 def test_a_cuda_accelerator_asks_cuda_for_the_free_memory_of_the_device(monkeypatch):

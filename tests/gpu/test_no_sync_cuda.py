@@ -16,7 +16,7 @@ from modsquad_ds.data.synthetic import synthetic_batch
 from modsquad_ds.model import build_model
 from modsquad_ds.model.objective import MultiTaskObjective
 from modsquad_ds.moe import MoEAttention, MoEMlp, kernels
-from modsquad_ds.moe.ds_adapter import ExpertParallelMoEMlp, convert_to_expert_parallel
+from modsquad_ds.moe.ds_adapter import ExpertParallelMoEMlp, clip_grad_norm_, convert_to_expert_parallel
 from modsquad_ds.moe.kernels import grouped_supported, set_kernel
 from modsquad_ds.train.module import TrainModule, to_device
 
@@ -111,3 +111,26 @@ def test_the_loop_kernel_waits_once_per_moe_layer(as_trained):
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchronizing" in str(w.message)]
     assert layers > 0 and len(syncs) == layers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_expert_parallel_clip_never_waits_for_the_gpu_and_clips(dtype):
+    """moe.ds_adapter.clip_grad_norm_ (the trainer's clipping at ZeRO 0 with ep_size > 1) on CUDA: the
+    norm equals the float64 norm of the gradients to 1e-6, the gradients end at ``max_norm``, and
+    nothing waits for the GPU (the CPU suite proves the same on meta: test_ds_gate_contract.py)."""
+    cfg = load_config(preset="tiny")
+    torch.manual_seed(0)
+    model = convert_to_expert_parallel(build_model(cfg), ep_size=1).to("cuda", dtype)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    want = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters()))
+    clip_grad_norm_(model, max_norm=0.0)  # warm-up: measure only
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total = clip_grad_norm_(model, max_norm=0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(total.double(), want, rtol=1e-6, atol=0)
+    after = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters()))
+    assert abs(float(after) - 0.5) < (1e-5 if dtype == torch.float32 else 5e-3)

@@ -39,7 +39,7 @@ def is_expert_param(p: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def clip_grad_norm_(module: nn.Module, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
+def clip_grad_norm_(module: nn.Module, max_norm: float) -> torch.Tensor:
     """Global L2 gradient norm of an expert-parallel model, and clip to ``max_norm`` (0: measure only).
 
     For ZeRO stage 0, where DeepSpeed 0.19.8's own clipping (``runtime.utils.clip_grad_norm_``) averages
@@ -48,36 +48,39 @@ def clip_grad_norm_(module: nn.Module, max_norm: float, eps: float = 1e-6) -> to
     norms over all ranks and are right; tests/distributed/test_ep_equivalence.py checks both). Use it with
     ``gradient_clipping: 0`` in the DeepSpeed config, after ``engine.backward`` (grads are reduced
     there) and before ``engine.step``. A collective: every rank must call it.
+
+    Nothing waits for the device: the norms are fused per parameter group (``_foreach_norm``, in fp32
+    whatever the gradients' dtype), and the gradients are scaled by ``min(1, max_norm / (norm + 1e-6))``
+    computed where they are (torch's ``clip_grads_with_norm_``), as torch's own clipping does. One
+    kernel per parameter or a ``float()`` of the norm would stall a GPU step that the host already
+    struggles to keep fed.
     """
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    # Squared norms summed on the gradients' device: one host sync for the whole model (the
-    # ``float(total)`` below), not one ``.cpu()`` per parameter.
-    device = grads[0].device
-    dense_sq = torch.zeros((), dtype=torch.float64, device=device)
-    expert_sq: dict[str, torch.Tensor] = {}
+    dense: list[torch.Tensor] = []
+    experts: dict[str, list[torch.Tensor]] = {}
     for p in module.parameters():
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().double().pow(2).sum().to(device)
-        if is_moe_param(p):
-            expert_sq[p.group_name] = expert_sq.get(p.group_name, torch.zeros_like(dense_sq)) + sq
-        else:
-            dense_sq += sq
-    total_sq = dense_sq
+        if p.grad is not None:
+            (experts.setdefault(p.group_name, []) if is_moe_param(p) else dense).append(p)
+    params = dense + [p for group in experts.values() for p in group]
+    if not params:
+        return torch.zeros(())
+    total_sq = _squared_norm(dense, params[0].grad.device)
     ep_groups = {layer.expert_group_name: layer.ep_group for _, layer in expert_parallel_layers(module)}
-    for group_name in sorted(expert_sq):
+    for group_name in sorted(experts):
         # after DeepSpeed's reduction an expert's gradient is identical on its expert-data-parallel
         # replicas; the ranks of one expert-parallel group hold different experts: sum over those.
-        part = expert_sq[group_name]
+        part = _squared_norm(experts[group_name], total_sq.device)
         if ep_groups.get(group_name) is not None:  # None in one process
             dist.all_reduce(part, group=ep_groups[group_name])
         total_sq = total_sq + part
     total = total_sq.sqrt().float()
     if max_norm > 0:
-        coef = min(1.0, float(max_norm) / (float(total) + eps))
-        if coef < 1.0:
-            for g in grads:
-                g.mul_(coef)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
+
+
+def _squared_norm(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+    """Sum of the squared gradients of ``params``, in float64 on ``device`` (0 for none)."""
+    if not params:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    norms = torch._foreach_norm([p.grad for p in params], 2.0, dtype=torch.float32)
+    return torch.stack(norms).double().square().sum()

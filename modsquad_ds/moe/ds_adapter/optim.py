@@ -55,8 +55,8 @@ def clip_grad_norm_(module: nn.Module, max_norm: float) -> torch.Tensor:
     kernel per parameter or a ``float()`` of the norm would stall a GPU step that the host already
     struggles to keep fed.
     """
-    dense: list[torch.Tensor] = []
-    experts: dict[str, list[torch.Tensor]] = {}
+    dense: list[nn.Parameter] = []
+    experts: dict[str, list[nn.Parameter]] = {}
     for p in module.parameters():
         if p.grad is not None:
             (experts.setdefault(p.group_name, []) if is_moe_param(p) else dense).append(p)

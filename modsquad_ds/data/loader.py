@@ -94,18 +94,26 @@ def _seed(cfg) -> int:
     return cfg.data.seed if cfg.data.seed is not None else cfg.seed
 
 
+def worker_options(workers: int, prefetch_factor: int, collate_fn=None) -> dict:
+    """DataLoader settings that every loader of ours (training and evaluation) shares: workers forked
+    whatever the default start method (worker_signals.FORK), and each batch ``collate_fn`` makes
+    leaving its worker as one block of shared memory (data/packed.py; the consumer calls
+    ``unpacked``). Without workers, batches as ``collate_fn`` makes them."""
+    if not workers:
+        return {"num_workers": 0, "collate_fn": collate_fn}
+    return {"num_workers": workers, "prefetch_factor": prefetch_factor, "multiprocessing_context": FORK,
+            "collate_fn": functools.partial(_packed, collate_fn)}
+
+
 def _dataloader(dataset, cfg, collate_fn=None, **kw) -> DataLoader:
     w = cfg.data.workers
-    if w:  # each batch leaves its worker as one block of shared memory (data/packed.py)
-        collate_fn = functools.partial(_packed, collate_fn)
     # A generator of its own: DataLoader otherwise draws its worker base seed from the global torch
     # RNG, which would shift the router-noise stream whenever a loader is (re)built, and resumed
     # runs would no longer equal uninterrupted ones.
     generator = torch.Generator().manual_seed(_seed(cfg))
-    return DataLoader(dataset, num_workers=w, prefetch_factor=cfg.data.prefetch_factor if w else None,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available(), generator=generator,
+    return DataLoader(dataset, persistent_workers=False, pin_memory=torch.cuda.is_available(), generator=generator,
                       worker_init_fn=functools.partial(worker_init, os.getpid()) if w else None,
-                      multiprocessing_context=FORK if w else None, collate_fn=collate_fn, **kw)
+                      **worker_options(w, cfg.data.prefetch_factor, collate_fn), **kw)
 
 
 def _packed(collate, item):

@@ -20,14 +20,12 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from modsquad_ds.data.loader import _processor
-from modsquad_ds.data.packed import pack
+from modsquad_ds.data.loader import _processor, worker_options
 from modsquad_ds.data.plan import spans_for_range, worker_batches
 from modsquad_ds.data.raw_reader import RawFolderDataset, split_buildings
 from modsquad_ds.data.sample import SampleError, collate
 from modsquad_ds.data.shard_index import index_path, load_index
 from modsquad_ds.data.tar_reader import Corrupt, read_span
-from modsquad_ds.data.worker_signals import FORK
 
 
 def split_size(cfg, split: str) -> int:
@@ -137,10 +135,7 @@ class EvalStream(IterableDataset):
 def eval_loader(cfg, split: str, rank: int, world_size: int, max_samples: Optional[int] = None) -> DataLoader:
     stream = EvalStream(cfg, split, rank, world_size, max_samples)
     w = min(cfg.data.workers, stream.n_batches)
-    loader = DataLoader(stream, batch_size=None, num_workers=w,
-                        prefetch_factor=cfg.data.prefetch_factor if w else None,
-                        collate_fn=pack if w else None,  # one shared-memory block per batch, as training's
-                        multiprocessing_context=FORK if w else None)  # as training's, whatever the default
+    loader = DataLoader(stream, batch_size=None, **worker_options(w, cfg.data.prefetch_factor))
     loader.n_batches = stream.n_batches  # type: ignore[attr-defined]
     loader.total = stream.total  # type: ignore[attr-defined]
     loader.split_total = stream.split_total  # type: ignore[attr-defined]

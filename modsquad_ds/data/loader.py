@@ -14,10 +14,12 @@ shards, filling the shuffle buffer) can be hidden behind the previous epoch's la
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -57,21 +59,17 @@ class EpochLoader:
     def start(self) -> "EpochLoader":
         """Start the workers now; iterating later takes the batches they have prepared meanwhile."""
         if self._started is None:
-            with starting_workers():  # workers fork here: see worker_signals
-                self._started = iter(self.dataloader)
+            self._started = start_workers(self.dataloader)
         return self
 
     def __iter__(self):
         batches, self._started = self.start()._started, None
-        try:
+        with workers_killed_on_error(batches):
             for batch in batches:
                 batch = unpacked(batch)
                 for shard, key, reason, detail in batch.pop("_corrupt", ()):
                     self.counter.add(shard, key, reason, detail)
                 yield batch
-        except Exception:
-            kill_workers(batches)  # the epoch is lost: do not wait for workers that ignore SIGTERM
-            raise
         if self.counter.total:
             log.warning("corrupt samples skipped this epoch: %s", self.counter.report())
 
@@ -94,26 +92,41 @@ def _seed(cfg) -> int:
     return cfg.data.seed if cfg.data.seed is not None else cfg.seed
 
 
-def worker_options(workers: int, prefetch_factor: int, collate_fn=None) -> dict:
-    """DataLoader settings that every loader of ours (training and evaluation) shares: workers forked
-    whatever the default start method (worker_signals.FORK), and each batch ``collate_fn`` makes
-    leaving its worker as one block of shared memory (data/packed.py; the consumer calls
-    ``unpacked``). Without workers, batches as ``collate_fn`` makes them."""
-    if not workers:
-        return {"num_workers": 0, "collate_fn": collate_fn}
-    return {"num_workers": workers, "prefetch_factor": prefetch_factor, "multiprocessing_context": FORK,
-            "collate_fn": functools.partial(_packed, collate_fn)}
-
-
-def _dataloader(dataset, cfg, collate_fn=None, **kw) -> DataLoader:
-    w = cfg.data.workers
-    # A generator of its own: DataLoader otherwise draws its worker base seed from the global torch
-    # RNG, which would shift the router-noise stream whenever a loader is (re)built, and resumed
-    # runs would no longer equal uninterrupted ones.
+def dataloader(dataset, cfg, workers: int, collate_fn=None, **kw) -> DataLoader:
+    """A DataLoader as every loader of ours (training and evaluation) is built:
+    - workers forked whatever the default start method (worker_signals.FORK), ignoring stop signals
+      and ending with the rank (worker_init): a SIGTERM that reaches them with the rank (Slurm,
+      launchers) must not kill them before the rank has saved;
+    - each batch ``collate_fn`` makes leaves its worker as one block of shared memory (data/packed.py;
+      the consumer calls ``unpacked``) and, where CUDA is present, is pinned for non-blocking copies;
+    - a generator of its own: DataLoader otherwise draws its workers' base seed from the global torch
+      RNG, which would shift the router-noise stream whenever a loader is built (a resumed run would
+      no longer equal an uninterrupted one; validation would change the training it watches).
+    Start its workers with :func:`start_workers`."""
     generator = torch.Generator().manual_seed(_seed(cfg))
-    return DataLoader(dataset, persistent_workers=False, pin_memory=torch.cuda.is_available(), generator=generator,
-                      worker_init_fn=functools.partial(worker_init, os.getpid()) if w else None,
-                      **worker_options(w, cfg.data.prefetch_factor, collate_fn), **kw)
+    kw.update(generator=generator, persistent_workers=False, pin_memory=torch.cuda.is_available())
+    if not workers:
+        return DataLoader(dataset, num_workers=0, collate_fn=collate_fn, **kw)
+    return DataLoader(dataset, num_workers=workers, prefetch_factor=cfg.data.prefetch_factor,
+                      multiprocessing_context=FORK, worker_init_fn=functools.partial(worker_init, os.getpid()),
+                      collate_fn=functools.partial(_packed, collate_fn), **kw)
+
+
+def start_workers(loader: DataLoader):
+    """``iter(loader)``: its workers fork here, with stop signals held meanwhile (see worker_signals)."""
+    with starting_workers():
+        return iter(loader)
+
+
+@contextlib.contextmanager
+def workers_killed_on_error(batches) -> Iterator[None]:
+    """Iterate ``batches`` (from :func:`start_workers`) inside this: an error that ends the loop kills
+    their workers (they ignore the SIGTERM that is torch's last resort, see kill_workers)."""
+    try:
+        yield
+    except Exception:
+        kill_workers(batches)
+        raise
 
 
 def _packed(collate, item):
@@ -144,7 +157,7 @@ def build_shard_loader(cfg, split: str, rank: int, world_size: int, epoch: int, 
                          world_size=world_size, batch_size=d.batch_size, num_workers=d.workers,
                          start_batch=start_batch, shuffle_buffer=d.shuffle_buffer if train else 0,
                          max_corrupt=d.max_corrupt, cap=d.samples_per_epoch)
-    return EpochLoader(_dataloader(stream, cfg, batch_size=None), n, start_batch, d.max_corrupt, rank)
+    return EpochLoader(dataloader(stream, cfg, d.workers, batch_size=None), n, start_batch, d.max_corrupt, rank)
 
 
 def build_raw_loader(cfg, split: str, rank: int, world_size: int, epoch: int, start_batch: int = 0,
@@ -162,7 +175,7 @@ def build_raw_loader(cfg, split: str, rank: int, world_size: int, epoch: int, st
                                batch_size=d.batch_size, start_batch=start_batch, shuffle=train,
                                cap=d.samples_per_epoch, subset=subset)
     _check_start(start_batch, sampler.n_batches)
-    dl = _dataloader(dataset, cfg, batch_sampler=sampler, collate_fn=collate_with_events)
+    dl = dataloader(dataset, cfg, d.workers, collate_with_events, batch_sampler=sampler)
     return EpochLoader(dl, sampler.n_batches, start_batch, d.max_corrupt, rank)
 
 

@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from modsquad_ds.data.loader import _processor, worker_options
+from modsquad_ds.data.loader import _processor, dataloader
 from modsquad_ds.data.plan import spans_for_range, worker_batches
 from modsquad_ds.data.raw_reader import RawFolderDataset, split_buildings
 from modsquad_ds.data.sample import SampleError, collate
@@ -133,9 +133,11 @@ class EvalStream(IterableDataset):
 
 
 def eval_loader(cfg, split: str, rank: int, world_size: int, max_samples: Optional[int] = None) -> DataLoader:
+    """This rank's evaluation batches, packed: iterate ``start_workers(loader)`` inside
+    ``workers_killed_on_error`` and ``unpacked`` each batch (data/loader.py), as the training loader."""
     stream = EvalStream(cfg, split, rank, world_size, max_samples)
     w = min(cfg.data.workers, stream.n_batches)
-    loader = DataLoader(stream, batch_size=None, **worker_options(w, cfg.data.prefetch_factor))
+    loader = dataloader(stream, cfg, w, batch_size=None)
     loader.n_batches = stream.n_batches  # type: ignore[attr-defined]
     loader.total = stream.total  # type: ignore[attr-defined]
     loader.split_total = stream.split_total  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from modsquad_ds.data.loader import start_workers, workers_killed_on_error
 from modsquad_ds.data.packed import unpacked
 from modsquad_ds.distributed.collectives import all_reduce_tensor
 from modsquad_ds.eval.data import eval_loader
@@ -59,8 +60,9 @@ def evaluate_model(model, cfg, split: str, rank: int = 0, world_size: int = 1,
     loader = eval_loader(cfg, split, rank, world_size, max_samples)
     corrupt = 0
     try:
-        with RouteRecorder(model, names) as recorder:
-            for batch in track(loader, total=loader.n_batches, desc=f"eval {split}", unit="batch", enabled=progress):
+        batches = start_workers(loader)
+        with workers_killed_on_error(batches), RouteRecorder(model, names) as recorder:
+            for batch in track(batches, total=loader.n_batches, desc=f"eval {split}", unit="batch", enabled=progress):
                 batch = unpacked(batch)
                 weight = batch.pop("weight")
                 corrupt += int(batch.pop("corrupt"))

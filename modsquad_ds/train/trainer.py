@@ -193,8 +193,12 @@ class Trainer:
         from modsquad_ds.eval.runner import evaluate_model
 
         cfg = self.cfg
-        result = evaluate_model(engine.module.model, cfg, cfg.data.val_split, self.rank, self.world_size,
-                                cfg.train.eval_samples)
+        # Validating leaves the training it watches unchanged: the RNG states it may draw from (router
+        # noise under moe.eval_noise) come back as they were.
+        devices = [engine.device] if engine.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=engine.device.type):
+            result = evaluate_model(engine.module.model, cfg, cfg.data.val_split, self.rank, self.world_size,
+                                    cfg.train.eval_samples)
         if logger.enabled:
             values = scalars(result)
             for key, value in values.items():
@@ -318,14 +322,20 @@ class Trainer:
                 window_start, window_images = time.perf_counter(), 0
                 sums, micro_in_window = {}, 0  # logged values average the whole window
             logger.step(pos.step, scalars)
-            if t.eval_every and pos.step % t.eval_every == 0:
-                self._validate(engine, logger)
             if save or (t.checkpoint_every and pos.step % t.checkpoint_every == 0):
                 requests.save = False
                 path = self._save(engine)
                 if save:
                     why = "SIGTERM or Ctrl-C: saved, stopping" if stop else "SIGUSR1: saved, going on"
                     logger.message(f"step {pos.step}: checkpoint {path} ({why})")
+            # after the checkpoint, which a validation must not delay; not at all when stopping: a
+            # scheduler's grace period is for saving (the order is free: validating leaves the RNG
+            # streams as they were, see _validate)
+            if t.eval_every and pos.step % t.eval_every == 0:
+                if stop:
+                    logger.message(f"step {pos.step}: validation skipped (stopping)")
+                else:
+                    self._validate(engine, logger)
             if last:
                 result.stopped_early = pos.step < t.steps
                 result.stopped_by_signal = stop

@@ -22,8 +22,10 @@ pytestmark = pytest.mark.dist
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    """4 buildings x 3 points x 3 views at 32 px: 18 training samples in shards of 5 (uneven)."""
-    return mini_shards(tmp_path_factory.mktemp("train_mini"), points=3, views=3, seed=1, samples_per_shard=5)
+    """4 buildings x 3 points x 3 views at 32 px: 18 training samples in shards of 5 (uneven), 9 for
+    validation."""
+    return mini_shards(tmp_path_factory.mktemp("train_mini"), points=3, views=3, seed=1, samples_per_shard=5,
+                       splits=("train", "val"))
 
 
 def _args(shards: Path, out: Path, *extra: str) -> list[str]:
@@ -67,6 +69,68 @@ def test_resume_equals_uninterrupted(shards, tmp_path, nproc, extra):
     assert usage["tasks"] == usage_whole["tasks"]
     assert len(usage["layers"]) == 4
     assert [layer["counts"] for layer in usage["layers"]] == [layer["counts"] for layer in usage_whole["layers"]]
+
+
+def test_validation_leaves_training_unchanged(shards, tmp_path):
+    """train.eval_every validates between steps without touching the training: the same losses at
+    every step as a run without it (its loader has a generator of its own; its loader once drew from
+    the router noise's stream). With noise in evaluation too (moe.eval_noise, the authors' setting),
+    validation draws from that stream itself, and the RNG states are put back."""
+    plain, validated = tmp_path / "plain", tmp_path / "validated"
+    run_ok([python()] + _args(shards, plain, "train.ep_size=1", "data.workers=2"), timeout_s=240)
+    run_ok([python()] + _args(shards, validated, "train.ep_size=1", "data.workers=2", "train.eval_every=2",
+                              "moe.eval_noise=true"), timeout_s=240)
+    assert _losses(validated) == _losses(plain)
+    evals = [json.loads(line) for line in (validated / "eval_during_training.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 4, 6] and all(len(e) > 1 for e in evals)
+
+
+def test_a_stop_signal_during_validation_saves_the_run(shards, tmp_path):
+    """SIGTERM to the whole session (as Slurm and torchrun send it) while validation's loader workers
+    run: they ignore it like the training loader's, and the run saves and stops as anywhere else,
+    without validating at its last step. They once died of it, and the run with them, its last steps
+    unsaved.
+
+    The signal must find validation's workers alive and running: the rank is frozen (SIGSTOP) once it
+    has more children than the training loader's two (in the first steps of a 9-batch epoch the next
+    epoch's loader has not started, train/epochs.py, so the extra ones are validation's), and they
+    are given time to leave the fork (a child still in it runs the rank's own signal handlers)."""
+    import psutil
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([python()] + _args(shards, out, "train.ep_size=1", "data.workers=2", "data.batch_size=2",
+                                               "train.steps=100000", "train.eval_every=1"),
+                            env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, cwd=Path(__file__).parents[2])
+    rank = psutil.Process(proc.pid)
+    steps = lambda: len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").is_file() else 0
+    caught = False
+    try:
+        deadline = time.monotonic() + 120
+        while not caught and steps() < 4:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=30)[0][-3000:]
+            if len(rank.children()) > 2:
+                rank.suspend()
+                caught = len(rank.children()) > 2 and steps() < 4  # validation's workers, alive until it resumes
+                if caught:
+                    time.sleep(0.5)  # they have just forked: let them reach their loop, where they wait
+                    os.killpg(proc.pid, signal.SIGTERM)
+                rank.resume()
+            time.sleep(0.002)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert caught, f"validation's workers were never seen in the first 3 steps\n{output[-3000:]}"
+    assert proc.returncode == 3, output[-3000:]
+    assert "exited unexpectedly" not in output and "killed by signal" not in output
+    assert "stopped by SIGTERM or Ctrl-C, exit code 3" in output
+    last = int((out / "checkpoints" / "latest").read_text().split("_")[1])
+    assert last == steps(), "the stop checkpoint is the last step taken"
+    # the stop step's validation gives way to the stop (train.eval_every=1: every step has one)
+    assert f"step {last}: validation skipped (stopping)" in output
+    evals = (out / "eval_during_training.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in evals] == list(range(1, last))
 
 
 def test_saved_run_folder_has_config_checkpoint_and_logs(shards, tmp_path):

@@ -1,6 +1,7 @@
-"""The training loader where CUDA is present: batches from workers arrive pinned, as one pinned block
+"""The loaders where CUDA is present: batches from workers arrive pinned, as one pinned block
 (modsquad_ds/data/packed.py: the pin thread pins the packed batch), and reach the GPU with their
-values, by the copies TrainModule makes (non-blocking from pinned memory)."""
+values, by the copies TrainModule makes (non-blocking from pinned memory). Evaluation's too: its
+copies are non-blocking as well (eval/runner.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import torch
 from data_tools import make_shards
 from data_tools.mini_taskonomy import generate
 from modsquad_ds.config import load_config
-from modsquad_ds.data.loader import build_train_loader
+from modsquad_ds.data.loader import build_train_loader, start_workers
+from modsquad_ds.data.packed import unpacked
+from modsquad_ds.eval.data import eval_loader
 from modsquad_ds.train.module import to_device
 
 
@@ -57,3 +60,13 @@ def test_batches_from_workers_arrive_pinned_in_one_block_and_reach_the_gpu(shard
     assert arrived.keys() == expected.keys() and len(arrived) == 8
     for key, got in arrived.items():
         assert all(torch.equal(a, b) for a, b in zip(got, expected[key], strict=True)), key
+
+
+def test_evaluation_batches_from_workers_arrive_pinned_in_one_block(shards):
+    cfg = load_config(preset="tiny", overrides=[f"data.shards_dir={shards}", "data.batch_size=2", "data.workers=2"])
+    batches = [unpacked(b) for b in start_workers(eval_loader(cfg, "train", 0, 1))]
+    assert len(batches) == 4
+    for batch in batches:
+        tensors = list(_tensors(batch))
+        assert all(t.is_pinned() for t in tensors)
+        assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1

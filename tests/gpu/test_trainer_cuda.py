@@ -14,10 +14,11 @@ evaluation command runs on the bf16 run (its engine on CUDA, the checkpoint's mo
 One more launch is a rank that sees one GPU under another local rank (``srun --gpus-per-task 1``
 gives local rank 3 a single device, 0): it must train there, not ask for ``cuda:3``. Another names
 its GPU by UUID in ``CUDA_VISIBLE_DEVICES`` (MIG slices, PBS): with ``pynvml`` installed, DeepSpeed's
-free-memory query at ZeRO 1's engine build used to fail on it (distributed/accelerator.py).
+free-memory query at ZeRO 1's engine build used to fail on it (distributed/accelerator.py). One
+validates during training, which must leave the training as it was.
 
 The launches are independent single-GPU runs, so they go up to ``PARALLEL`` at a time (the GPU and
-its 16 cores hold them easily): the GPU check has minutes, not the quarter of an hour the 20
+its 16 cores hold them easily): the GPU check has minutes, not the quarter of an hour the
 launches take one after another. Each prints its exit status as it ends (run with ``-s``, as
 benchmarks/gpu_check.sh does, a run cut at its deadline still says which launches finished).
 """
@@ -112,6 +113,8 @@ def runs(shards, tmp_path_factory) -> tuple[Path, dict[str, Result]]:
                   for c in ("zero1_fp32.json", "zero1_bf16.json")})
     first["local_rank3"] = _args(shards, root / "local_rank3", "zero1_bf16.json", 2)
     first["uuid_selector"] = _args(shards, root / "uuid_selector", "zero1_bf16.json", 2)
+    first["validated"] = _args(shards, root / "validated", "zero1_fp32.json", 6, "train.eval_every=2",
+                               "data.val_split=train", "moe.eval_noise=true")
     results = _run_all(first, {"local_rank3": {**LOCAL_RANK_3, "MASTER_PORT": str(free_port("127.0.0.1"))},
                                "uuid_selector": {"CUDA_VISIBLE_DEVICES": _uuid_of_the_gpu()}})
     second = {f"{c}/resumed": _args(shards, root / c / "parts", c, 6) for c in CONFIGS
@@ -179,6 +182,19 @@ def test_a_gpu_named_by_uuid_trains_under_zero(runs):
         pynvml.nvmlInit()
     except Exception as e:  # trained, but not through the query that failed (benchmarks/gpu_wheels.sh carries it)
         pytest.skip(f"pynvml unusable here ({type(e).__name__}): DeepSpeed's NVML query was not exercised")
+
+
+def test_validation_on_cuda_leaves_training_unchanged(runs):
+    """Validation during training (its batches pinned, router noise on as moe.eval_noise asks): the
+    losses of the same run without it, and the CUDA RNG state put back (train/trainer.py _validate)."""
+    root, results = runs
+    _ok(results, "validated", "zero1_fp32.json/whole")
+    validated, plain = _losses(root / "validated"), _losses(root / "zero1_fp32.json" / "whole")
+    assert sorted(validated) == sorted(plain) == list(range(1, 7))
+    for step in plain:
+        assert _close(validated[step], plain[step], FP32_RESUME_REL), f"step {step}: {validated[step]} vs {plain[step]}"
+    evals = [json.loads(line) for line in (root / "validated" / "eval_during_training.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 4, 6]
 
 
 def test_bf16_tracks_fp32_over_50_steps(runs):

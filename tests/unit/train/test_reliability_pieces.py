@@ -95,9 +95,9 @@ _LOADER = textwrap.dedent("""
                 yield {"x": torch.tensor([i]), "_corrupt": []}
 
     from modsquad_ds.config import load_config
-    from modsquad_ds.data.loader import _dataloader
+    from modsquad_ds.data.loader import dataloader
     cfg = load_config(["configs/demo.yaml"])  # data.workers: 1, as users run it
-    it = iter(EpochLoader(_dataloader(Slow(), cfg, batch_size=None), 10**6, 0, 0, 0))
+    it = iter(EpochLoader(dataloader(Slow(), cfg, cfg.data.workers, batch_size=None), 10**6, 0, 0, 0))
     next(it)
     import psutil, signal
     signal_seen = []

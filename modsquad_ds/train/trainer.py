@@ -195,8 +195,8 @@ class Trainer:
         cfg = self.cfg
         # Validating leaves the training it watches unchanged: the RNG states it may draw from (router
         # noise under moe.eval_noise) come back as they were.
-        devices = [engine.device] if engine.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=engine.device.type):
+        device = next(engine.module.parameters()).device  # the model's, as evaluate_model takes it
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
             result = evaluate_model(engine.module.model, cfg, cfg.data.val_split, self.rank, self.world_size,
                                     cfg.train.eval_samples)
         if logger.enabled:

@@ -10,6 +10,7 @@ Order for a trainer (see docs/launchers.md):
     shutdown(ctx)
     ...
     end_process(code)                                         # in `if __name__ == "__main__":`
+                                                              # (run_command(main) does it)
 
 :func:`setup` does the first four for a RunConfig.
 """
@@ -209,6 +210,22 @@ def end_process(code: int) -> NoReturn:
         except (OSError, ValueError):  # closed or gone (a pipe whose reader left)
             pass
     os._exit(code)
+
+
+EXIT_INTERRUPTED = 130
+"""Ctrl-C's exit status, as a shell reports a process that SIGINT ended (and as the data tools exit)."""
+
+
+def run_command(main) -> NoReturn:
+    """``end_process(main())`` for a command's ``__main__``, with Ctrl-C answered by one line and exit
+    status 130 instead of a traceback through whatever ran (a launcher's Ctrl-C reaches every rank,
+    so each stops the same way; the training loop itself turns Ctrl-C into a checkpoint instead)."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        code = EXIT_INTERRUPTED
+    end_process(code)
 
 
 def seed_everything(seed: int, rank: int = 0, per_rank: bool = False) -> int:

@@ -219,6 +219,6 @@ def _calibrate(cfg, args) -> None:
 
 
 if __name__ == "__main__":
-    from modsquad_ds.distributed.bootstrap import end_process
+    from modsquad_ds.distributed.bootstrap import run_command
 
-    end_process(main())  # not sys.exit: see end_process (gloo threads vs interpreter teardown)
+    run_command(main)  # not sys.exit: see end_process (gloo threads vs interpreter teardown)

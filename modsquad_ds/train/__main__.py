@@ -179,9 +179,9 @@ def main(argv=None) -> int:
 
 def cli() -> NoReturn:
     """``python -m modsquad_ds.train`` and the ``modsquad-train`` command."""
-    from modsquad_ds.distributed.bootstrap import end_process
+    from modsquad_ds.distributed.bootstrap import run_command
 
-    end_process(main())  # not sys.exit: see end_process (gloo threads vs interpreter teardown)
+    run_command(main)  # not sys.exit: see end_process (gloo threads vs interpreter teardown)
 
 
 if __name__ == "__main__":

@@ -129,3 +129,53 @@ def test_missing_and_corrupt_checkpoint_one_line(trained, tmp_path):
 def test_split_without_shards_one_line(trained):
     line = _error_line(trained, "val")  # the fixture wrote train and test shards only
     assert line.startswith("error: --split:") and "no val.index.json" in line and "make_shards --split val" in line
+
+
+def test_ctrl_c_during_evaluation_ends_with_one_line_and_its_workers(trained, tmp_path):
+    """Ctrl-C as a terminal sends it (every process of the foreground group) while the evaluation
+    reads its batches from workers: one line, exit 130, no traceback, no result written, and no
+    worker left behind (they ignore Ctrl-C and end with the rank). The rank is frozen once its
+    workers exist, so that the signal lands inside the evaluation loop."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from _launch import REPO, base_env
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir, ignore=shutil.ignore_patterns("eval"))
+    proc = subprocess.Popen([python(), "-m", "modsquad_ds.evaluate", str(run_dir), "--split", "test", "--set",
+                             "data.batch_size=2", "--set", "data.workers=2"], cwd=REPO, env=base_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    rank, workers = psutil.Process(proc.pid), []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=30)[0][-3000:]
+            workers = rank.children()
+            time.sleep(0.002)
+        rank.suspend()
+        time.sleep(0.5)  # the workers have just forked: let them reach their loop
+        os.killpg(proc.pid, signal.SIGINT)
+        rank.resume()
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, output[-3000:]
+    assert output.strip().splitlines()[-1] == "interrupted (Ctrl-C)" and "Traceback" not in output, output[-3000:]
+    assert not (run_dir / "eval").exists()
+
+    def alive(worker) -> bool:
+        try:
+            return worker.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(alive(w) for w in workers):
+        assert time.monotonic() < deadline, "a worker outlived the evaluation"
+        time.sleep(0.05)

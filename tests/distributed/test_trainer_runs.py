@@ -117,6 +117,8 @@ def test_a_stop_signal_during_validation_saves_the_run(shards, tmp_path):
                     os.killpg(proc.pid, signal.SIGTERM)
                 rank.resume()
             time.sleep(0.002)
+        if not caught:  # it would train on: end it, and say why below
+            os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

@@ -21,7 +21,7 @@ from modsquad_ds.config.loader import save_config
 from modsquad_ds.config.schema import RunConfig
 from modsquad_ds.data.loader import build_train_loader
 from modsquad_ds.distributed.bootstrap import engine_args
-from modsquad_ds.distributed.collectives import all_reduce_sum_autograd, is_distributed, step_vote
+from modsquad_ds.distributed.collectives import all_reduce_sum_autograd, any_rank, is_distributed, step_vote
 from modsquad_ds.distributed.ds_config import save_ds_config
 from modsquad_ds.distributed.launcher_watch import LauncherWatch
 from modsquad_ds.model.factory import build_model
@@ -187,6 +187,18 @@ class Trainer:
             plot_usage(self.out_dir / "usage.png", self.cfg.tasks.names, tables)
         return path
 
+    def _validated(self, step: int) -> bool:
+        """Whether ``step``'s validation is on record in the run folder (rank 0 reads; a collective)."""
+        found = False
+        path = self.out_dir / "eval_during_training.jsonl"
+        if self.rank == 0 and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    found = found or json.loads(line).get("step") == step
+                except ValueError:  # a line cut short by a crash
+                    continue
+        return any_rank(found)
+
     def _validate(self, engine, logger: RunLogger) -> None:
         """train.eval_every: the evaluation command's metrics on a fixed validation subset (a collective)."""
         from modsquad_ds.eval.report import scalars
@@ -265,6 +277,11 @@ class Trainer:
         cuda = torch.device(engine.device).type == "cuda"
         if pos.step >= stop_at:
             return
+        if t.eval_every and pos.step and pos.step % t.eval_every == 0 and not self._validated(pos.step):
+            # resumed from a checkpoint saved before its step's validation, which a stop skipped (or
+            # a crash cut short): validate it now, so that the curve has every point
+            logger.message(f"step {pos.step}: validating first (saved before its validation)")
+            self._validate(engine, logger)
         batches = epoch_batches(lambda epoch, start: build_train_loader(cfg, self.rank, self.world_size, epoch, start),
                                 pos.epoch, pos.batch_in_epoch)
         for loader, epoch, batch in data_wait.timed(batches):

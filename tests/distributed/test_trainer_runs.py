@@ -75,11 +75,16 @@ def test_validation_leaves_training_unchanged(shards, tmp_path):
     """train.eval_every validates between steps without touching the training: the same losses at
     every step as a run without it (its loader has a generator of its own; its loader once drew from
     the router noise's stream). With noise in evaluation too (moe.eval_noise, the authors' setting),
-    validation draws from that stream itself, and the RNG states are put back."""
+    validation draws from that stream itself, and the RNG states are put back.
+
+    The validated run stops after step 4 and resumes: its step 4 was saved and then validated, so
+    the resumed run does not validate it again."""
     plain, validated = tmp_path / "plain", tmp_path / "validated"
     run_ok([python()] + _args(shards, plain, "train.ep_size=1", "data.workers=2"), timeout_s=240)
-    run_ok([python()] + _args(shards, validated, "train.ep_size=1", "data.workers=2", "train.eval_every=2",
-                              "moe.eval_noise=true"), timeout_s=240)
+    with_validation = _args(shards, validated, "train.ep_size=1", "data.workers=2", "train.eval_every=2",
+                            "moe.eval_noise=true")
+    run_ok([python()] + with_validation + ["--set", "train.stop_after=4"], timeout_s=240)
+    assert "validating first" not in run_ok([python()] + with_validation, timeout_s=240).output
     assert _losses(validated) == _losses(plain)
     evals = [json.loads(line) for line in (validated / "eval_during_training.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [2, 4, 6] and all(len(e) > 1 for e in evals)
@@ -88,8 +93,8 @@ def test_validation_leaves_training_unchanged(shards, tmp_path):
 def test_a_stop_signal_during_validation_saves_the_run(shards, tmp_path):
     """SIGTERM to the whole session (as Slurm and torchrun send it) while validation's loader workers
     run: they ignore it like the training loader's, and the run saves and stops as anywhere else,
-    without validating at its last step. They once died of it, and the run with them, its last steps
-    unsaved.
+    without validating at its last step; resumed, it validates that step first. They once died of
+    it, and the run with them, its last steps unsaved.
 
     The signal must find validation's workers alive and running: the rank is frozen (SIGSTOP) once it
     has more children than the training loader's two (in the first steps of a 9-batch epoch the next
@@ -133,6 +138,12 @@ def test_a_stop_signal_during_validation_saves_the_run(shards, tmp_path):
     assert f"step {last}: validation skipped (stopping)" in output
     evals = (out / "eval_during_training.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in evals] == list(range(1, last))
+    # resumed, the run validates that step first: the curve keeps every point, each once
+    resumed = run_ok([python()] + _args(shards, out, "train.ep_size=1", "data.workers=2", "data.batch_size=2",
+                                        f"train.steps={last + 1}", "train.eval_every=1"), timeout_s=240)
+    assert f"step {last}: validating first" in resumed.output
+    evals = (out / "eval_during_training.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in evals] == list(range(1, last + 2))
 
 
 def test_saved_run_folder_has_config_checkpoint_and_logs(shards, tmp_path):

@@ -14,16 +14,27 @@ from tqdm import tqdm
 from modsquad_ds.progress import LINE_EVERY_S, on_terminal, time_left
 
 
-def _open_metrics(path: Path, start_step: int):
-    """Append to the metrics of the run being continued, dropping rows logged after its checkpoint
-    (a crashed run may have logged steps that the resumed run will log again)."""
-    kept = []
+EVAL_RECORD = "eval_during_training.jsonl"
+"""train.eval_every's results, a row per validated step (the trainer writes it; rank 0)."""
+
+
+def read_record(path: Path) -> list[tuple[str, dict]]:
+    """The lines of a JSON-lines record (metrics.jsonl, EVAL_RECORD) with their rows; blank lines and
+    a last line cut short by a crash are left out."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else ():
+        try:
+            rows.append((line, json.loads(line)))
+        except ValueError:
+            continue
+    return rows
+
+
+def keep_record_until(path: Path, step: int) -> None:
+    """Drop the rows of a run being continued that were logged after ``step``, its checkpoint (a
+    crashed run may have logged steps that the resumed run will log again)."""
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step]
-    with open(path, "w") as f:
-        f.writelines(line + "\n" for line in kept)
-    return open(path, "a")
+        path.write_text("".join(line + "\n" for line, row in read_record(path) if row.get("step", 0) <= step))
 
 
 class RunLogger:
@@ -43,7 +54,9 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
-        self.jsonl = _open_metrics(out_dir / "metrics.jsonl", start_step)
+        for record in ("metrics.jsonl", EVAL_RECORD):
+            keep_record_until(out_dir / record, start_step)
+        self.jsonl = open(out_dir / "metrics.jsonl", "a")
         interactive = on_terminal(interactive)
         if progress and interactive:
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)

@@ -29,7 +29,7 @@ from modsquad_ds.model.objective import MultiTaskObjective
 from modsquad_ds.moe.ds_adapter import clip_grad_norm_, convert_to_expert_parallel, moe_param_groups
 from modsquad_ds.train import checkpoint
 from modsquad_ds.train.epochs import epoch_batches
-from modsquad_ds.train.logger import RunLogger
+from modsquad_ds.train.logger import EVAL_RECORD, RunLogger, read_record
 from modsquad_ds.train.module import TrainModule
 from modsquad_ds.train.schedule import lr_lambda
 from modsquad_ds.train.signals import StopRequests
@@ -189,14 +189,7 @@ class Trainer:
 
     def _validated(self, step: int) -> bool:
         """Whether ``step``'s validation is on record in the run folder (rank 0 reads; a collective)."""
-        found = False
-        path = self.out_dir / "eval_during_training.jsonl"
-        if self.rank == 0 and path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    found = found or json.loads(line).get("step") == step
-                except ValueError:  # a line cut short by a crash
-                    continue
+        found = self.rank == 0 and any(row.get("step") == step for _, row in read_record(self.out_dir / EVAL_RECORD))
         return any_rank(found)
 
     def _validate(self, engine, logger: RunLogger) -> None:
@@ -215,7 +208,7 @@ class Trainer:
             values = scalars(result)
             for key, value in values.items():
                 logger.tb.add_scalar(key, value, self.position.step)
-            with open(self.out_dir / "eval_during_training.jsonl", "a") as f:
+            with open(self.out_dir / EVAL_RECORD, "a") as f:
                 f.write(json.dumps({"step": self.position.step, **values}) + "\n")
 
     def run(self) -> RunResult:

@@ -78,16 +78,19 @@ def test_validation_leaves_training_unchanged(shards, tmp_path):
     validation draws from that stream itself, and the RNG states are put back.
 
     The validated run stops after step 4 and resumes: its step 4 was saved and then validated, so
-    the resumed run does not validate it again."""
+    the resumed run does not validate it again. What a crashed run may leave after its checkpoint (a
+    later step's row, a line cut short) is dropped on resume, as metrics.jsonl's rows are."""
     plain, validated = tmp_path / "plain", tmp_path / "validated"
     run_ok([python()] + _args(shards, plain, "train.ep_size=1", "data.workers=2"), timeout_s=240)
     with_validation = _args(shards, validated, "train.ep_size=1", "data.workers=2", "train.eval_every=2",
                             "moe.eval_noise=true")
     run_ok([python()] + with_validation + ["--set", "train.stop_after=4"], timeout_s=240)
+    with open(validated / "eval_during_training.jsonl", "a") as f:
+        f.write('{"step": 6, "left by a crash": 1}\n{"step": 6, "eval_')
     assert "validating first" not in run_ok([python()] + with_validation, timeout_s=240).output
     assert _losses(validated) == _losses(plain)
     evals = [json.loads(line) for line in (validated / "eval_during_training.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in evals] == [2, 4, 6] and all(len(e) > 1 for e in evals)
+    assert [e["step"] for e in evals] == [2, 4, 6] and all(len(e) > 1 and "left by a crash" not in e for e in evals)
 
 
 def test_a_stop_signal_during_validation_saves_the_run(shards, tmp_path):
